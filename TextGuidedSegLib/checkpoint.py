@@ -1,0 +1,175 @@
+"""Model directories: ``config.json`` + ``model.safetensors`` (+ ``README.md`` card, + ``text_encoder/``).
+
+Never pickle: weights are safetensors only, and a directory holding only pickle weights is
+refused. Loading builds the model through the registry and loads with ``strict=True`` after
+checking every tensor's name and shape, so a wrong file fails with a message, not a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .models import ModelConfig, build_model, config_from_dict
+from .text import TextEncoder
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+TEXT_ENCODER_DIR = "text_encoder"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be used, with the reason and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference: the network, its config, its text encoder and where it came from."""
+
+    model: nn.Module
+    config: ModelConfig
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    _text_encoder: TextEncoder | None = None
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """Loaded on first use (text-free models never pay for it)."""
+        if self._text_encoder is None:
+            self._text_encoder = TextEncoder(self.config.text).to(next(self.model.parameters()).device)
+        return self._text_encoder
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("name") or (self.path.name if self.path else self.config.model_type)
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[str, Any] | None = None,
+                    card: str | None = None, half: bool = False,
+                    text_encoder: TextEncoder | None = None) -> Path:
+    """Write a model directory atomically (a temp dir renamed into place: never half-written).
+
+    ``half`` stores floating-point weights as fp16 (shipped models stay under 25 MB); they are
+    cast back to fp32 on load. A trainable / LoRA text encoder is saved in ``text_encoder/``.
+    """
+    directory = Path(directory)
+    config: ModelConfig = model.config
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    payload = {"format_version": FORMAT_VERSION, "library_version": __version__,
+               "model_type": config.model_type, "config": config.to_dict(), "metadata": metadata or {}}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if text_encoder is not None and not text_encoder.config.uses_cache:
+            enc = text_encoder.model
+            if hasattr(enc, "merge_and_unload"):  # peft: store plain weights with LoRA merged in
+                import copy
+                enc = copy.deepcopy(enc).merge_and_unload()
+            enc.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
+            text_encoder.tokenizer.save_pretrained(tmp / TEXT_ENCODER_DIR)
+            payload["text_encoder_dir"] = TEXT_ENCODER_DIR
+        (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
+        if card:
+            (tmp / CARD_NAME).write_text(card)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """Read and validate ``config.json`` (version, model type) without touching the weights."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory {directory} does not exist (give a directory holding "
+                              f"{CONFIG_NAME} and {WEIGHTS_NAME}, or a model name from 'textguidedseg models list')")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG_NAME}: not a TextGuidedSeg model directory")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version!r} is not supported by this "
+                              f"library (reads up to {FORMAT_VERSION}); upgrade textguidedseg")
+    return payload
+
+
+def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu",
+                    expected_sha256: str | None = None) -> LoadedModel:
+    """Load a model directory. ``expected_sha256`` (from a manifest) is checked on the weights file."""
+    directory = Path(directory)
+    payload = read_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise CheckpointError(f"{directory} holds pickle weights ({', '.join(pickles)}), which are refused "
+                                  f"because loading them can run arbitrary code; convert them to {WEIGHTS_NAME}")
+        raise CheckpointError(f"{directory} has no {WEIGHTS_NAME}")
+    if expected_sha256 is not None:
+        actual = sha256_of(weights)
+        if actual != expected_sha256.lower():
+            raise CheckpointError(f"{weights}: SHA-256 {actual} does not match the manifest's {expected_sha256}; "
+                                  "the file is corrupt or not the published one: download it again")
+    try:
+        config = config_from_dict(payload["config"])
+    except KeyError as exc:
+        raise CheckpointError(f"{directory}: {exc.args[0]}") from None
+    if payload.get("text_encoder_dir"):
+        config.text.name_or_path = str(directory / payload["text_encoder_dir"])
+        config.text.trainable, config.text.lora_layers = False, []
+    model = build_model(config)
+    state = load_file(str(weights))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} mis-shaped tensors (e.g. {'; '.join(wrong[:3])})")
+        raise CheckpointError(f"{weights} does not fit a {config.model_type} built from its config.json: "
+                              + "; ".join(parts))
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    return LoadedModel(model=model, config=config, metadata=payload.get("metadata", {}), path=directory)

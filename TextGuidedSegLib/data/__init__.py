@@ -1,0 +1,23 @@
+"""Dataset readers (take a root and a split name: the withheld test splits share the layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cases import SegmentationCase, read_grey, read_mask, read_rgb
+from .csv_reader import read_csv
+from .kvasir import read_kvasir
+from .qata import read_qata
+
+READERS = {"qata": read_qata, "kvasir": read_kvasir, "csv": read_csv}
+
+
+def read_dataset(kind: str, root: str | Path, split: str, **options) -> list[SegmentationCase]:
+    """``kind`` in qata / kvasir / csv; ``options`` go to the reader (e.g. Kvasir's ``prompt``)."""
+    if kind not in READERS:
+        raise KeyError(f"unknown dataset kind {kind!r}; known: {', '.join(sorted(READERS))}")
+    return READERS[kind](root, split, **options)
+
+
+__all__ = ["READERS", "SegmentationCase", "read_csv", "read_dataset", "read_grey", "read_kvasir", "read_mask",
+           "read_qata", "read_rgb"]

@@ -1,0 +1,93 @@
+"""Segmentation metrics, per image and pooled over a split.
+
+Conventions (both always reported, always labelled):
+- **per-image (mean) Dice / IoU**: score each image, then average over images.
+- **global (pooled) Dice / IoU**: sum intersections and sizes over all images first, then one ratio.
+
+Empty masks: when prediction and ground truth are both empty an image's Dice and IoU are 1 (a
+correct "nothing here"); when exactly one is empty they are 0. HD95 and ASD are undefined when
+either mask is empty: such images get NaN and are left out of the mean, and the count of images
+that had a defined distance is reported beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+def dice_iou(pred: np.ndarray, target: np.ndarray) -> tuple[float, float, int, int, int]:
+    """(dice, iou, |P and G|, |P|, |G|) for one pair of boolean masks."""
+    p, g = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from ground truth shape {g.shape}")
+    inter, ps, gs = int(np.logical_and(p, g).sum()), int(p.sum()), int(g.sum())
+    if ps + gs == 0:
+        return 1.0, 1.0, 0, 0, 0
+    return 2 * inter / (ps + gs), inter / (ps + gs - inter), inter, ps, gs
+
+
+def surface_distances(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, ...] | None = None
+                      ) -> tuple[float, float]:
+    """(HD95, ASD) with MONAI; NaN when either mask is empty. ``spacing`` in mm per axis (default 1)."""
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    p, g = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
+    if not p.any() or not g.any():
+        return float("nan"), float("nan")
+    pt = torch.from_numpy(p)[None, None]
+    gt = torch.from_numpy(g)[None, None]
+    kw = {"spacing": list(spacing)} if spacing is not None else {}
+    hd95 = compute_hausdorff_distance(pt, gt, percentile=95, **kw)
+    asd = compute_average_surface_distance(pt, gt, symmetric=True, **kw)
+    return float(hd95.item()), float(asd.item())
+
+
+@dataclass
+class CaseScore:
+    case_id: str
+    dice: float
+    iou: float
+    intersection: int
+    pred_size: int
+    target_size: int
+    hd95: float = float("nan")
+    asd: float = float("nan")
+
+
+@dataclass
+class SegmentationScores:
+    """Accumulates cases; :meth:`summary` gives both conventions."""
+
+    cases: list[CaseScore] = field(default_factory=list)
+
+    def add(self, case_id: str, pred: np.ndarray, target: np.ndarray, *, distances: bool = False,
+            spacing: tuple[float, ...] | None = None) -> CaseScore:
+        dice, iou, inter, ps, gs = dice_iou(pred, target)
+        score = CaseScore(case_id, dice, iou, inter, ps, gs)
+        if distances:
+            score.hd95, score.asd = surface_distances(pred, target, spacing)
+        self.cases.append(score)
+        return score
+
+    def summary(self) -> dict[str, float]:
+        if not self.cases:
+            raise ValueError("no cases were scored")
+        inter = sum(c.intersection for c in self.cases)
+        ps = sum(c.pred_size for c in self.cases)
+        gs = sum(c.target_size for c in self.cases)
+        hd = np.array([c.hd95 for c in self.cases], dtype=float)
+        asd = np.array([c.asd for c in self.cases], dtype=float)
+        defined = ~np.isnan(hd)
+        return {
+            "cases": len(self.cases),
+            "dice_per_image": float(np.mean([c.dice for c in self.cases])),
+            "dice_global": 1.0 if ps + gs == 0 else 2 * inter / (ps + gs),
+            "iou_per_image": float(np.mean([c.iou for c in self.cases])),
+            "iou_global": 1.0 if ps + gs == 0 else inter / (ps + gs - inter),
+            "hd95_mean": float(hd[defined].mean()) if defined.any() else float("nan"),
+            "asd_mean": float(asd[defined].mean()) if defined.any() else float("nan"),
+            "distance_cases": int(defined.sum()),
+        }

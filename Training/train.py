@@ -1,0 +1,464 @@
+#!/usr/bin/env python
+"""Train any registered model on a dataset: ``python Training/train.py --config Training/configs/X.yaml``.
+
+Loss = w_bce * BCE-with-logits + w_dice * Dice-on-logits (MONAI) + the model's auxiliary losses
+(already weighted by the model's config). Frozen text encoders are run once over every distinct
+prompt of the dataset and cached on disk, so CPU training never re-runs the text model.
+
+Resume is exact: every epoch starts from seeds derived from (seed, epoch) for the data order, the
+augmentations and dropout, and ``<output_dir>/last/`` holds the model, optimizer, scheduler and
+early-stopping state written at the end of each epoch. Re-running the same command continues.
+
+Multi-GPU / multi-node: ``torchrun --nproc_per_node N Training/train.py --config ...`` (DDP; NCCL on
+GPUs, gloo on CPUs). Rank 0 validates and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from monai.losses import DiceLoss
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+from TextGuidedSegLib import __version__  # noqa: E402
+from TextGuidedSegLib.checkpoint import save_pretrained  # noqa: E402
+from TextGuidedSegLib.data import read_dataset  # noqa: E402
+from TextGuidedSegLib.data.dataset import PreloadedDataset, collate  # noqa: E402
+from TextGuidedSegLib.data.transforms import AugmentConfig, build_train_transforms, seed_transforms  # noqa: E402
+from TextGuidedSegLib.models import build_model, config_from_dict  # noqa: E402
+from TextGuidedSegLib.text import TextEncoder, TextFeatures, swap_left_right  # noqa: E402
+
+logger = logging.getLogger("train")
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 100, "batch_size": 8, "grad_accum": 1, "optimizer": "adamw", "lr": 3e-4, "text_lr": 1e-5,
+    "weight_decay": 1e-4, "schedule": "cosine", "min_lr": 1e-6, "warmup_epochs": 0, "plateau_patience": 10,
+    "early_stop_patience": 20, "monitor": "dice_global", "seed": 0, "amp": True, "num_workers": 0,
+    "val_every": 1, "bce_weight": 1.0, "dice_weight": 1.0, "max_train_cases": None, "max_val_cases": None,
+    "max_time_minutes": None, "grad_clip": 1.0,
+}
+
+
+# ----------------------------------------------------------------------------- configuration
+def load_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """YAML config + ``key.sub=value`` overrides (values parsed as YAML: numbers, lists, null)."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    cfg["train"] = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
+    unknown = set(cfg["train"]) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise SystemExit(f"unknown train settings {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
+    for section in ("model", "data", "output_dir"):
+        if section not in cfg:
+            raise SystemExit(f"config {path} has no '{section}' section")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- distributed
+def setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+# ----------------------------------------------------------------------------- text cache
+def build_text_table(encoder: TextEncoder, texts: list[str], cache_file: Path) -> tuple[TextFeatures, dict[str, int]]:
+    """Encode every distinct prompt once (frozen encoder) and keep the table on disk."""
+    texts = sorted(set(texts))
+    if cache_file.is_file():
+        meta = json.loads(cache_file.with_suffix(".json").read_text())
+        if meta["texts"] == texts and meta["encoder"] == encoder.config.to_dict():
+            t = load_file(str(cache_file))
+            hidden = tuple(t[f"hidden_{i}"] for i in range(meta["num_hidden"]))
+            return TextFeatures(t["tokens"], t["mask"], t["pooled"], hidden), {s: i for i, s in enumerate(texts)}
+    chunks = [encoder.encode(texts[i:i + 256]) for i in range(0, len(texts), 256)]
+    table = TextFeatures.cat(chunks)
+    tensors = {"tokens": table.tokens, "mask": table.mask, "pooled": table.pooled}
+    tensors.update({f"hidden_{i}": h for i, h in enumerate(table.hidden_states)})
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(cache_file))
+    cache_file.with_suffix(".json").write_text(json.dumps(
+        {"texts": texts, "encoder": encoder.config.to_dict(), "num_hidden": len(table.hidden_states)}))
+    return table, {s: i for i, s in enumerate(texts)}
+
+
+# ----------------------------------------------------------------------------- state (no pickle)
+def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Nested state (dicts/lists with tensor leaves) -> JSON-able skeleton + safetensors dict."""
+    if torch.is_tensor(obj):
+        key = prefix or "t"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, flatten_state(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__dict__" in obj:
+        return {k: unflatten_state(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+def save_train_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, trainer: dict[str, Any], text_encoder: TextEncoder | None) -> None:
+    """Write ``last/`` atomically: model + optimizer tensors as safetensors, the rest as JSON."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = {"optimizer": flatten_state(optimizer.state_dict(), "opt", tensors),
+                "scheduler": flatten_state(scheduler.state_dict(), "sched", tensors), "trainer": trainer}
+    if text_encoder is not None and not text_encoder.config.uses_cache:
+        skeleton["text_encoder"] = flatten_state(text_encoder.state_dict(), "text", tensors)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(skeleton))
+    if directory.exists():
+        for f in directory.iterdir():
+            f.unlink()
+        directory.rmdir()
+    os.replace(tmp, directory)
+
+
+def load_train_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, text_encoder: TextEncoder | None) -> dict[str, Any]:
+    model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+    tensors = load_file(str(directory / "state.safetensors"))
+    skeleton = json.loads((directory / "state.json").read_text())
+    opt_state = unflatten_state(skeleton["optimizer"], tensors)
+    opt_state["state"] = {int(k): v for k, v in opt_state["state"].items()}
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(unflatten_state(skeleton["scheduler"], tensors))
+    if "text_encoder" in skeleton and text_encoder is not None:
+        text_encoder.load_state_dict(unflatten_state(skeleton["text_encoder"], tensors))
+    return skeleton["trainer"]
+
+
+# ----------------------------------------------------------------------------- schedule
+def make_scheduler(optimizer: torch.optim.Optimizer, t: dict[str, Any], steps_per_epoch: int) -> Any:
+    if t["schedule"] == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1,
+                                                          patience=t["plateau_patience"], min_lr=t["min_lr"])
+    if t["schedule"] != "cosine":
+        raise SystemExit(f"train.schedule must be cosine or plateau, got {t['schedule']!r}")
+    total = max(1, t["epochs"] * steps_per_epoch)
+    warm = t["warmup_epochs"] * steps_per_epoch
+    floors = [t["min_lr"] / g["lr"] for g in optimizer.param_groups]
+
+    def factor(step: int, floor: float) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s, f=f: factor(s, f) for f in floors])
+
+
+# ----------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(model: torch.nn.Module, dataset: PreloadedDataset, text_for: Any, batch_size: int,
+             device: torch.device, amp: bool) -> dict[str, float]:
+    """Both Dice conventions at the masks' native size (probabilities resized linearly, threshold 0.5)."""
+    model.eval()
+    inter_sum = pred_sum = gt_sum = 0
+    dices = []
+    for start in range(0, len(dataset), batch_size):
+        idx = list(range(start, min(len(dataset), start + batch_size)))
+        images = dataset.images[idx].float().to(device)
+        texts = [dataset.cases[i].text for i in idx]
+        with autocast(device, amp):
+            logits = model(images, text_for(texts))["logits"]
+        probs = torch.sigmoid(logits.float())
+        for j, i in enumerate(idx):
+            gt = torch.from_numpy(dataset.native_masks[i]).to(device)
+            p = F.interpolate(probs[j:j + 1], size=gt.shape, mode="bilinear", align_corners=False)[0, 0] >= 0.5
+            inter, ps, gs = int((p & gt).sum()), int(p.sum()), int(gt.sum())
+            inter_sum, pred_sum, gt_sum = inter_sum + inter, pred_sum + ps, gt_sum + gs
+            dices.append(1.0 if ps + gs == 0 else 2 * inter / (ps + gs))
+    model.train()
+    return {"dice_global": 2 * inter_sum / max(1, pred_sum + gt_sum), "dice_per_image": float(np.mean(dices))}
+
+
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- model card
+def model_card(cfg: dict[str, Any], best: dict[str, Any], command: str, wall_s: float, hardware: str,
+               n_params: int) -> str:
+    m, d = cfg["model"], cfg["data"]
+    return f"""# {cfg.get('name', m['model_type'])}
+
+Model `{m['model_type']}` trained with TextGuidedSeg {__version__}.
+
+| | |
+|---|---|
+| data | `{d['kind']}` at `{d['root']}`, trained on split `{d.get('train_split', 'train')}`, selected on `{d.get('val_split', 'val')}` |
+| validation Dice, global (pooled over all pixels) | **{best['dice_global']:.4f}** |
+| validation Dice, per-image mean | **{best['dice_per_image']:.4f}** |
+| selected epoch | {best['epoch']} (monitor: {cfg['train']['monitor']}) |
+| input | {m.get('image_size')} px, laterality convention of the text: `{m.get('laterality', 'image')}` |
+| text encoder | `{m.get('text', {}).get('name_or_path', 'packaged default')}` |
+| parameters | {n_params / 1e6:.2f} M (image model; text encoder not counted) |
+| wall time | {wall_s / 60:.1f} min |
+| hardware | {hardware} |
+
+Scoring: predictions resized linearly to the masks' native size, thresholded at 0.5; ground truth
+> 127. Per-image Dice counts an image whose prediction and ground truth are both empty as 1.
+Reproduce the figures with `textguidedseg evaluate` on the same split (see the repository README).
+
+Command:
+
+```
+{command}
+```
+
+Licence of the weights: Apache-2.0 (code); the training data keep their own terms (research and
+education only for QaTa-COV19 and Kvasir-SEG): see `shared/data/README.md`. Not for clinical use.
+"""
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config, e.g. Training/configs/tmc_qata_cpu.yaml")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides, e.g. train.epochs=2 output_dir=/tmp/run")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if <output_dir>/last exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "0")
+
+    cfg = load_config(args.config, args.set)
+    t = cfg["train"]
+    rank, world, device = setup_distributed()
+    out = Path(cfg["output_dir"])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+
+    torch.manual_seed(t["seed"])
+    model_cfg = config_from_dict(cfg["model"])
+    text_encoder = TextEncoder(model_cfg.text).to(device)  # loaded first: it fixes config.text.dim
+    model = build_model(model_cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    data = cfg["data"]
+    options = data.get("options", {}) or {}
+    train_cases = read_dataset(data["kind"], data["root"], data.get("train_split", "train"), **options)
+    val_cases = read_dataset(data["kind"], data["root"], data.get("val_split", "val"), **options)
+    if t["max_train_cases"]:
+        train_cases = train_cases[: t["max_train_cases"]]
+    if t["max_val_cases"]:
+        val_cases = val_cases[: t["max_val_cases"]]
+    for c in train_cases + val_cases:
+        if c.laterality != model_cfg.laterality:
+            raise SystemExit(f"dataset laterality {c.laterality!r} differs from the model's {model_cfg.laterality!r}")
+    aug = AugmentConfig(**cfg.get("augment", {}))
+    transforms = build_train_transforms(aug, model_cfg.image_size)
+    train_ds = PreloadedDataset(train_cases, model_cfg.image_size, model_cfg.intensity, model_cfg.in_channels,
+                                transforms=transforms)
+    val_ds = PreloadedDataset(val_cases, model_cfg.image_size, model_cfg.intensity, model_cfg.in_channels,
+                              keep_native_masks=True) if rank == 0 else None
+
+    if model_cfg.text.uses_cache:
+        texts = [c.text for c in train_cases + val_cases]
+        if aug.flip_prob > 0:
+            texts += [swap_left_right(x) for x in texts]
+        table, text_row = build_text_table(text_encoder, texts, out / "text_cache.safetensors")
+        table = table.to(device)
+
+        def text_for(batch_texts: list[str]) -> TextFeatures:
+            return table.index([text_row[x] for x in batch_texts])
+    else:
+        def text_for(batch_texts: list[str]) -> TextFeatures:
+            return text_encoder.encode(batch_texts)
+
+    params = [{"params": model.parameters(), "lr": t["lr"]}]
+    if not model_cfg.text.uses_cache:
+        params.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": t["text_lr"]})
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(t["optimizer"])
+    if opt_cls is None:
+        raise SystemExit(f"train.optimizer must be adam or adamw, got {t['optimizer']!r}")
+    optimizer = opt_cls(params, lr=t["lr"], weight_decay=t["weight_decay"])
+    steps_per_epoch = math.ceil(len(train_ds) / (t["batch_size"] * world) / t["grad_accum"])
+    scheduler = make_scheduler(optimizer, t, steps_per_epoch)
+
+    state = {"epoch": 0, "best": None, "bad_epochs": 0, "history": [], "wall_s": 0.0, "step": 0}
+    last = out / "last"
+    if last.is_dir() and not args.no_resume:
+        state = load_train_state(last, model, optimizer, scheduler, text_encoder)
+        logger.info("resumed from %s at epoch %d", last, state["epoch"])
+
+    ddp_model = DistributedDataParallel(model) if world > 1 else model
+    dice_loss = DiceLoss(sigmoid=True)
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, seed=t["seed"], drop_last=True) \
+        if world > 1 else None
+    log_path = out / "log.csv"
+    started = time.time() - state["wall_s"]
+    stop = False
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+
+    while state["epoch"] < t["epochs"] and not stop:
+        epoch = state["epoch"]
+        epoch_seed = t["seed"] * 100003 + epoch
+        torch.manual_seed(epoch_seed + rank)
+        seed_transforms(transforms, epoch_seed + rank)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            order = None
+        else:
+            order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+        loader = DataLoader(train_ds, batch_size=t["batch_size"], sampler=sampler if sampler is not None else order,
+                            collate_fn=collate, num_workers=t["num_workers"], drop_last=True)
+        model.train()
+        text_encoder.train()
+        sums: dict[str, float] = {}
+        n_batches = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", disable=rank != 0 or tqdm is None,
+                   mininterval=10.0) if tqdm else loader
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(bar):
+            images, masks = batch["image"].to(device), batch["mask"].to(device)
+            with autocast(device, t["amp"]):
+                out_dict = ddp_model(images, text_for(batch["text"]))
+            logits = out_dict["logits"].float()
+            parts = {"bce": t["bce_weight"] * F.binary_cross_entropy_with_logits(logits, masks),
+                     "dice": t["dice_weight"] * dice_loss(logits, masks)}
+            parts.update({k: v.float() for k, v in out_dict.get("losses", {}).items()})
+            loss = sum(parts.values())
+            (loss / t["grad_accum"]).backward()
+            if (i + 1) % t["grad_accum"] == 0:
+                if t["grad_clip"]:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if t["schedule"] == "cosine":
+                    scheduler.step()
+                state["step"] += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            n_batches += 1
+            if tqdm and rank == 0:
+                bar.set_postfix(loss=f"{sums['loss'] / n_batches:.4f}")
+        state["epoch"] = epoch + 1
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               **{f"train_{k}": v / max(1, n_batches) for k, v in sums.items()}}
+        if rank == 0 and ((epoch + 1) % t["val_every"] == 0 or epoch + 1 == t["epochs"]):
+            metrics = validate(model, val_ds, text_for, max(1, t["batch_size"]), device, t["amp"])
+            row.update({f"val_{k}": v for k, v in metrics.items()})
+            score = metrics[t["monitor"]]
+            if t["schedule"] == "plateau":
+                scheduler.step(score)
+            if state["best"] is None or score > state["best"][t["monitor"]]:
+                state["best"] = {**metrics, "epoch": epoch + 1}
+                state["bad_epochs"] = 0
+                save_train_state(out / "best", model, optimizer, scheduler, {**state}, text_encoder)
+            else:
+                state["bad_epochs"] += 1
+            if state["bad_epochs"] >= t["early_stop_patience"]:
+                logger.info("early stop: no %s improvement for %d validations", t["monitor"], state["bad_epochs"])
+                stop = True
+        state["wall_s"] = time.time() - started
+        if t["max_time_minutes"] and state["wall_s"] > 60 * t["max_time_minutes"]:
+            logger.info("time budget of %s min reached", t["max_time_minutes"])
+            stop = True
+        row["wall_s"] = round(state["wall_s"], 1)
+        state["history"].append(row)
+        if rank == 0:
+            logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+            new = not log_path.exists()
+            with log_path.open("a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    w.writeheader()
+                w.writerow(row)
+            save_train_state(last, model, optimizer, scheduler, state, text_encoder)
+        if world > 1:
+            flag = torch.tensor([int(stop)], device=device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+
+    result = {"best": state["best"], "epochs": state["epoch"], "output_dir": str(out)}
+    if rank == 0 and state["best"] is not None:
+        best_model = build_model(config_from_dict(model_cfg.to_dict())).to(device)
+        best_model.load_state_dict(load_file(str(out / "best" / "model.safetensors")))
+        hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+        hardware += f" x {world} process(es)"
+        card = model_card(cfg, state["best"], command, state["wall_s"], hardware, n_params)
+        export = cfg.get("export", {}) or {}
+        export_dir = Path(export.get("dir", out / "model"))
+        meta = {"name": cfg.get("name", model_cfg.model_type),
+                "validation": {"dataset": data["kind"], "split": data.get("val_split", "val"),
+                               "dice_global": state["best"]["dice_global"],
+                               "dice_per_image": state["best"]["dice_per_image"], "epoch": state["best"]["epoch"]},
+                "training": {"command": command, "wall_minutes": round(state["wall_s"] / 60, 1),
+                             "hardware": hardware, "date": dt.date.today().isoformat(),
+                             "train_cases": len(train_cases), "val_cases": len(val_cases)}}
+        save_pretrained(best_model, export_dir, metadata=meta, card=card, half=bool(export.get("half", False)),
+                        text_encoder=text_encoder)
+        logger.info("best model (epoch %d, global Dice %.4f, per-image Dice %.4f) written to %s",
+                    state["best"]["epoch"], state["best"]["dice_global"], state["best"]["dice_per_image"], export_dir)
+        result["model_dir"] = str(export_dir)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
