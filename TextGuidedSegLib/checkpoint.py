@@ -116,7 +116,10 @@ def read_config(directory: str | Path) -> dict[str, Any]:
                               f"{CONFIG_NAME} and {WEIGHTS_NAME}, or a model name from 'textguidedseg models list')")
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise CheckpointError(f"{directory} has no {CONFIG_NAME}: not a TextGuidedSeg model directory")
+        pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        hint = (f"; it holds pickle weights ({', '.join(pickles)}), which are refused because loading them "
+                f"can run arbitrary code") if pickles else ""
+        raise CheckpointError(f"{directory} has no {CONFIG_NAME}: not a TextGuidedSeg model directory{hint}")
     try:
         payload = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

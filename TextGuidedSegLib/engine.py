@@ -1,0 +1,214 @@
+"""Volume in, one label map per prompt out: the one inference path of the library.
+
+normalise -> choose slice axis and layout -> batch slices -> resize to the model's input ->
+forward under ``inference_mode`` (autocast on GPU) -> resize back (linear) -> threshold.
+Every model, the CLI, the Slicer module and ``evaluate`` go through :func:`segment_volume`, so
+intensity handling, resizing and laterality live here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import LoadedModel
+from .orientation import SliceLayout, needs_left_right_swap, slice_layout
+from .preprocessing import normalize_intensity, resize_images, resize_probabilities
+from .text import TextFeatures, clean_prompt, swap_left_right
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+CPU_MEMORY_BUDGET = 1.5e9  # bytes of activations the automatic CPU batch size aims to stay under
+
+
+class SegmentationCancelled(RuntimeError):
+    """Raised when the ``cancel`` event is set; no partial result is returned."""
+
+
+@dataclass
+class SegmentResult:
+    """One prompt's result, arrays indexed ``(k, j, i)`` like the input volume.
+
+    Args:
+        prompt: the prompt as given (cleaned of extra whitespace); ``""`` for a text-free run.
+        model_prompt: the words the model read (after mapping left/right to its convention).
+        labels: uint8 mask, 1 where the probability >= threshold.
+        probability: float32 foreground probability (when requested).
+        uncertainty: float32 per-voxel uncertainty, for models that sample (else None).
+        seconds: wall time of this prompt; slices: slices processed.
+    """
+
+    prompt: str
+    model_prompt: str
+    labels: np.ndarray
+    probability: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
+    seconds: float = 0.0
+    slices: int = 0
+    layout: SliceLayout | None = field(default=None, repr=False)
+
+
+def select_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then CPU; an unavailable request fails clearly."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' was requested but Apple MPS is not available; use --device cpu or auto")
+    return dev
+
+
+def auto_batch_size(model: LoadedModel, device: torch.device) -> int:
+    """Slices per forward pass that keep activation memory bounded.
+
+    On CUDA: one probe forward measures the peak memory per slice, and the batch uses half of the
+    free memory. On CPU / MPS: a fixed budget (``CPU_MEMORY_BUDGET``) over an estimate of the
+    activations per slice (input pixels x 1600 bytes, measured on TMC at 160-224 px).
+    """
+    size = model.config.image_size
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        probe = torch.zeros(2, model.config.in_channels, size, size, device=device)
+        text = _probe_text(model, device, 2)
+        with torch.inference_mode(), _autocast(device):
+            model.model(probe, text)
+        per_slice = max(1, (torch.cuda.max_memory_allocated(device) - before) // 2)
+        return int(max(1, min(256, 0.5 * free // per_slice)))
+    per_slice = size * size * 1600
+    return int(max(1, min(32, CPU_MEMORY_BUDGET // per_slice)))
+
+
+def _probe_text(model: LoadedModel, device: torch.device, n: int) -> TextFeatures | None:
+    if not getattr(model.model, "requires_text", True):
+        return None
+    return model.text_encoder.encode(["probe"]).to(device).index([0] * n)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def validate_volume(volume: np.ndarray) -> np.ndarray:
+    """A 2D image becomes a one-slice volume; non-scalar, 4D, empty or non-finite input is refused."""
+    arr = np.asarray(volume)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"expected a 3D scalar volume (k, j, i) or a 2D image, got an array of shape {arr.shape}; "
+                         "split 4D or multi-component images into scalar volumes first")
+    if arr.size == 0:
+        raise ValueError(f"the volume is empty (shape {arr.shape})")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+            or arr.dtype == bool):
+        raise ValueError(f"voxel type {arr.dtype} is not supported; convert to an integer or float type")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = int((~np.isfinite(arr)).sum())
+        if bad:
+            raise ValueError(f"{bad} voxels are NaN or infinite; fix or mask them before segmenting")
+    return arr
+
+
+def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence[str] | None, model: LoadedModel, *,
+                   axis: str | int = "auto", batch_size: int | str = "auto", threshold: float = 0.5,
+                   device: str | torch.device | None = None, prompt_laterality: str = "patient",
+                   return_probability: bool = False, progress: ProgressCallback | None = None,
+                   cancel: threading.Event | None = None) -> list[SegmentResult]:
+    """Segment ``volume`` (``(k, j, i)``, or a 2D image) once per prompt.
+
+    Args:
+        ijk_to_ras: the volume's 4x4 IJK->RAS matrix (orientation decides the slice layout).
+        prompts: one segment per prompt; empty or None only for text-free models.
+        model: a :class:`LoadedModel` (see :func:`TextGuidedSegLib.checkpoint.load_pretrained`).
+        axis: ``auto`` / ``axial`` / ``coronal`` / ``sagittal`` or an array axis 0, 1, 2.
+        batch_size: slices per forward pass, or ``auto`` (bounded memory, see :func:`auto_batch_size`).
+        threshold: probability at or above which a voxel is labelled.
+        device: ``auto`` / None (CUDA, MPS, CPU), or a device name.
+        prompt_laterality: ``patient`` when 'left' in the prompt means the patient's left (users),
+            ``image`` when it means the image's left half (dataset reports such as QaTa's).
+        return_probability: also return the float32 probability volume.
+        progress: called as ``progress(done, total)`` after every batch (total = prompts x slices).
+        cancel: when set, the run stops after the current batch and raises :class:`SegmentationCancelled`.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be between 0 and 1 (exclusive), got {threshold}")
+    arr = validate_volume(volume)
+    net = model.model
+    requires_text = getattr(net, "requires_text", True)
+    prompts = [p for p in (prompts or [])]
+    if not prompts:
+        if requires_text:
+            raise ValueError(f"model '{model.name}' needs a text prompt (it has no text-free mode)")
+        cleaned: list[str | None] = [None]
+    else:
+        cleaned = [clean_prompt(p) for p in prompts]
+
+    dev = select_device(device)
+    if next(net.parameters()).device != dev:
+        net.to(dev)
+    net.eval()
+    layout = slice_layout(ijk_to_ras, arr.shape, axis)
+    swap = needs_left_right_swap(layout, model.config.laterality, prompt_laterality)
+    cfg = model.config
+    normalised = normalize_intensity(arr, cfg.intensity)
+    slices = layout.to_slices(normalised)
+    n, rows, cols = slices.shape
+    bs = auto_batch_size(model, dev) if batch_size == "auto" else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    total = n * len(cleaned)
+    done = 0
+    size = (cfg.image_size, cfg.image_size)
+    logger.info("segmenting %d %s slices of %dx%d with %s, batch %d on %s", n, layout.plane, rows, cols,
+                model.name, bs, dev)
+
+    results = []
+    for prompt in cleaned:
+        start = time.perf_counter()
+        model_prompt = swap_left_right(prompt) if (prompt and swap) else prompt
+        text = None
+        if model_prompt is not None:
+            text = model.text_encoder.encode([model_prompt]).to(dev)
+        prob = np.empty((n, rows, cols), dtype=np.float32)
+        for s0 in range(0, n, bs):
+            if cancel is not None and cancel.is_set():
+                raise SegmentationCancelled("segmentation cancelled; nothing was written")
+            chunk = torch.from_numpy(np.ascontiguousarray(slices[s0:s0 + bs])).to(dev)[:, None]
+            if cfg.in_channels == 3:
+                chunk = chunk.expand(-1, 3, -1, -1)
+            x = resize_images(chunk, size)
+            batch_text = text.index([0] * x.shape[0]) if text is not None else None
+            with torch.inference_mode(), _autocast(dev):
+                logits = net(x, batch_text)["logits"]
+            p = resize_probabilities(torch.sigmoid(logits.float()), (rows, cols))
+            prob[s0:s0 + x.shape[0]] = p[:, 0].cpu().numpy()
+            done += x.shape[0]
+            if progress is not None:
+                progress(done, total)
+        if cancel is not None and cancel.is_set():
+            raise SegmentationCancelled("segmentation cancelled; nothing was written")
+        prob_vol = layout.from_slices(prob)
+        results.append(SegmentResult(
+            prompt=prompt or "", model_prompt=model_prompt or "",
+            labels=(prob_vol >= threshold).astype(np.uint8),
+            probability=prob_vol if return_probability else None,
+            seconds=time.perf_counter() - start, slices=n, layout=layout))
+    return results
