@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import WEIGHTS_NAME, CheckpointError, LoadedModel, load_pretrained, read_config, sha256_of
+from .checkpoint import (PICKLE_SUFFIXES, WEIGHTS_NAME, CheckpointError, LoadedModel, load_pretrained, read_config,
+                         sha256_of)
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,11 @@ def import_model(source: str | Path, name: str | None = None, overwrite: bool = 
                 zf.extractall(staged)
             configs = list(staged.rglob("config.json"))
             candidates = [c.parent for c in configs if (c.parent / WEIGHTS_NAME).is_file()]
+            pickles = [m for m in zf.namelist() if m.lower().endswith(PICKLE_SUFFIXES)]
+            if not candidates and pickles:
+                raise CheckpointError(f"{source} holds pickle weights ({', '.join(pickles[:3])}) and no "
+                                      f"{WEIGHTS_NAME}; pickle files are refused because loading them can run "
+                                      f"arbitrary code: convert them to {WEIGHTS_NAME}")
             if len(candidates) != 1:
                 raise CheckpointError(f"{source} must hold exactly one model directory "
                                       f"(config.json + {WEIGHTS_NAME}); found {len(candidates)}")

@@ -31,8 +31,8 @@ class SliceLayout:
     """How to cut a ``(k, j, i)`` array into model slices and put it back.
 
     Args:
-        plane: anatomical plane of the slices (``axial``, ``coronal``, ``sagittal``, or ``array``
-            when the caller chose an array axis by number).
+        plane: anatomical plane of the slices (``axial``, ``coronal`` or ``sagittal``; for an
+            array axis chosen by number, the plane that axis is closest to).
         slice_axis: array axis (0 = k, 1 = j, 2 = i) the slices are stacked along.
         row_axis, col_axis: array axes that become the slice's rows and columns.
         flip_rows, flip_cols: reverse that axis so rows / columns run in the layout's direction.

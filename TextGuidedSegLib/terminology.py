@@ -59,6 +59,7 @@ def _terminology(category: tuple[str, str], kind: tuple[str, str]) -> str:
 def style_for(prompt: str, index: int = 0) -> SegmentStyle:
     """Name, colour and terminology for the ``index``-th prompt of a run."""
     words = set(re.findall(r"[a-z]+", prompt.lower()))
+    words |= {w[:-1] for w in words if w.endswith("s") and len(w) > 3}  # plurals: polyps, lesions, tumours
     for keywords, _, colour, category, kind in _KNOWN:
         if words & set(keywords):
             return SegmentStyle(short_name(prompt), colour, _terminology(category, kind))

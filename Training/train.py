@@ -60,7 +60,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "weight_decay": 1e-4, "schedule": "cosine", "min_lr": 1e-6, "warmup_epochs": 0, "plateau_patience": 10,
     "early_stop_patience": 20, "monitor": "dice_global", "seed": 0, "amp": True, "num_workers": 0,
     "val_every": 1, "bce_weight": 1.0, "dice_weight": 1.0, "max_train_cases": None, "max_val_cases": None,
-    "max_time_minutes": None, "grad_clip": 1.0,
+    "max_time_minutes": None, "grad_clip": 1.0, "tensorboard": False,
 }
 
 
@@ -350,6 +350,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, seed=t["seed"], drop_last=True) \
         if world > 1 else None
     log_path = out / "log.csv"
+    writer = None
+    if t["tensorboard"] and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package (extra "train")
+
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
     started = time.time() - state["wall_s"]
     stop = False
     try:
@@ -439,6 +444,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     w.writeheader()
                 w.writerow(row)
             save_train_state(last, model, optimizer, scheduler, state, text_encoder)
+            if writer is not None:
+                for k, v in row.items():
+                    if k != "epoch":
+                        writer.add_scalar(k, v, epoch + 1)
+                writer.flush()
         if world > 1:
             flag = torch.tensor([int(stop)], device=device)
             dist.broadcast(flag, 0)

@@ -16,7 +16,7 @@ class IntensityConfig:
 
     Args:
         mode: ``percentile`` (clip to the [lower, upper] percentiles of the volume, then scale),
-            ``window`` (CT window: ``center`` +- ``width``/2) or ``minmax`` (for 8-bit images: value/255).
+            ``window`` (CT window: ``center`` +- ``width``/2) or ``minmax`` (the array's own min and max).
         lower, upper: percentiles for ``percentile``.
         center, width: window for ``window``.
     """
