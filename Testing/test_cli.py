@@ -112,6 +112,23 @@ def test_predict_probability_volumes(cli, model_dir, tmp_path):
         np.testing.assert_allclose(prob.ijk_to_ras, io.read_volume(QATA_SAMPLE).ijk_to_ras, atol=1e-9)
 
 
+def test_predict_labelmap_nifti(cli, model_dir, tmp_path):
+    out = tmp_path / "out"
+    brain = io.sample_path("brain1_image.nrrd")
+    rc, _, err = _predict(cli, model_dir, out, brain, prompts=PROMPTS, extra=["--labelmap"])
+    assert rc == 0, err
+    assert _files(out) == ["brain1_image.seg.nrrd", "brain1_image_labels.nii.gz"]
+    labels = io.read_volume(out / "brain1_image_labels.nii.gz")
+    segments, _ = io.read_segmentation(out / "brain1_image.seg.nrrd")
+    # label i = i-th prompt; the later prompt wins where both are foreground
+    expected = np.zeros(labels.array.shape, dtype=np.uint8)
+    for value, seg in enumerate(segments, 1):
+        expected[seg.mask] = value
+    np.testing.assert_array_equal(labels.array, expected)
+    assert expected.any()
+    np.testing.assert_allclose(labels.ijk_to_ras, io.read_volume(brain).ijk_to_ras, atol=1e-5)
+
+
 @pytest.fixture
 def image_dir(tmp_path) -> Path:
     d = tmp_path / "images"

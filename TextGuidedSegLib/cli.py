@@ -85,7 +85,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .engine import segment_volume, select_device
-    from .io import ImageReadError, SegmentSpec, read_volume, write_segmentation, write_volume
+    from .io import ImageReadError, SegmentSpec, read_volume, write_labelmap, write_segmentation, write_volume
     from .model_store import load_model
     from .terminology import style_for, unique_names
 
@@ -130,6 +130,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     for n, s, r in zip(names, styles, results)]
         stem = _stem(path)
         seg_path = write_segmentation(out_dir / f"{stem}{SEG_SUFFIX}", segments, vol.ijk_to_ras)
+        if args.labelmap:
+            labels = np.zeros(results[0].labels.shape, dtype=np.uint16 if len(results) > 255 else np.uint8)
+            for value, r in enumerate(results, 1):
+                labels[r.labels > 0] = value
+            write_labelmap(out_dir / f"{stem}_labels.nii.gz", labels, vol.ijk_to_ras)
         if args.probability:
             for n, r in zip(names, results):
                 safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in n)[:40]
@@ -213,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--laterality", default="patient", choices=("patient", "image"),
                    help="what 'left' in the prompt means: the patient's left (default) or the image's left half")
     p.add_argument("--probability", action="store_true", help="also write each prompt's probability volume")
+    p.add_argument("--labelmap", action="store_true",
+                   help="also write <input>_labels.nii.gz: label i = i-th prompt (a later prompt wins where two overlap)")
     p.add_argument("--shard", default=None, help="i/n: process every n-th input starting at i (cluster arrays)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)

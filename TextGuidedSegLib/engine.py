@@ -177,7 +177,7 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
     total = n * len(cleaned)
     done = 0
     size = (cfg.image_size, cfg.image_size)
-    logger.info("segmenting %d %s slices of %dx%d with %s, batch %d on %s", n, layout.plane, rows, cols,
+    logger.debug("segmenting %d %s slices of %dx%d with %s, batch %d on %s", n, layout.plane, rows, cols,
                 model.name, bs, dev)
 
     results = []

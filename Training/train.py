@@ -60,7 +60,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "weight_decay": 1e-4, "schedule": "cosine", "min_lr": 1e-6, "warmup_epochs": 0, "plateau_patience": 10,
     "early_stop_patience": 20, "monitor": "dice_global", "seed": 0, "amp": True, "num_workers": 0,
     "val_every": 1, "bce_weight": 1.0, "dice_weight": 1.0, "max_train_cases": None, "max_val_cases": None,
-    "max_time_minutes": None, "grad_clip": 1.0, "tensorboard": False,
+    "max_time_minutes": None, "grad_clip": 1.0, "tensorboard": False, "final_engine_eval": True,
 }
 
 
@@ -233,38 +233,91 @@ def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManag
 
 
 # ----------------------------------------------------------------------------- model card
-def model_card(cfg: dict[str, Any], best: dict[str, Any], command: str, wall_s: float, hardware: str,
-               n_params: int) -> str:
+def model_card(cfg: dict[str, Any], best: dict[str, Any], engine: dict[str, Any] | None, command: str,
+               wall_s: float, hardware: str, n_params: int) -> str:
+    """The model directory's README: data, split, both Dice figures, command, time, hardware."""
     m, d = cfg["model"], cfg["data"]
+    val = d.get("val_split", "val")
+    rows = ""
+    if engine is not None:
+        rows = (f"| {val} Dice, global (pooled over all pixels), `textguidedseg evaluate` | **{engine['dice_global']:.4f}** |\n"
+                f"| {val} Dice, per-image mean, `textguidedseg evaluate` | **{engine['dice_per_image']:.4f}** |\n"
+                f"| {val} IoU, global / per-image | {engine['iou_global']:.4f} / {engine['iou_per_image']:.4f} |\n"
+                f"| {val} cases scored | {engine['cases']} |\n")
     return f"""# {cfg.get('name', m['model_type'])}
 
-Model `{m['model_type']}` trained with TextGuidedSeg {__version__}.
+Model `{m['model_type']}` trained with TextGuidedSeg {__version__}. Research use only, not for clinical use.
 
 | | |
 |---|---|
-| data | `{d['kind']}` at `{d['root']}`, trained on split `{d.get('train_split', 'train')}`, selected on `{d.get('val_split', 'val')}` |
-| validation Dice, global (pooled over all pixels) | **{best['dice_global']:.4f}** |
-| validation Dice, per-image mean | **{best['dice_per_image']:.4f}** |
+| data | `{d['kind']}` at `{d['root']}`: trained on split `{d.get('train_split', 'train')}`, checkpoint selected on `{val}` |
+{rows}| {val} Dice during training (global / per-image, best epoch) | {best['dice_global']:.4f} / {best['dice_per_image']:.4f} |
 | selected epoch | {best['epoch']} (monitor: {cfg['train']['monitor']}) |
-| input | {m.get('image_size')} px, laterality convention of the text: `{m.get('laterality', 'image')}` |
+| input | {m.get('image_size')} px; 'left' in the training text means: `{m.get('laterality', 'image')}` side |
 | text encoder | `{m.get('text', {}).get('name_or_path', 'packaged default')}` |
 | parameters | {n_params / 1e6:.2f} M (image model; text encoder not counted) |
-| wall time | {wall_s / 60:.1f} min |
+| training wall time | {wall_s / 60:.1f} min |
 | hardware | {hardware} |
 
-Scoring: predictions resized linearly to the masks' native size, thresholded at 0.5; ground truth
-> 127. Per-image Dice counts an image whose prediction and ground truth are both empty as 1.
-Reproduce the figures with `textguidedseg evaluate` on the same split (see the repository README).
+Scoring (both tables): predictions resized linearly to the masks' native size and thresholded at
+0.5, ground truth > 127. Global Dice pools all pixels of the split; per-image Dice averages each
+image's Dice (an image whose prediction and ground truth are both empty counts as 1). The
+`textguidedseg evaluate` rows run every case through the inference engine exactly as users do;
+the training rows come from the in-memory validation of the training loop (inputs stored as fp16).
+Re-check with:
 
-Command:
+```
+textguidedseg evaluate --model <this directory> --dataset {d['kind']} --data-root {d['root']} --split {val} --save-predictions preds/
+```
+
+Training command:
 
 ```
 {command}
 ```
 
-Licence of the weights: Apache-2.0 (code); the training data keep their own terms (research and
-education only for QaTa-COV19 and Kvasir-SEG): see `shared/data/README.md`. Not for clinical use.
+Licence of the weights: Apache-2.0 (as the code); the training data keep their own terms (QaTa-COV19
+and Kvasir-SEG: research and education only): see `shared/data/README.md`.
 """
+
+
+# ----------------------------------------------------------------------------- export
+def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg: Any, text_encoder: TextEncoder,
+                val_cases: list, n_train: int, device: torch.device, world: int) -> Path:
+    """Write the best epoch as a model directory, scored once more through the inference engine."""
+    from TextGuidedSegLib.checkpoint import LoadedModel
+    from TextGuidedSegLib.evaluation import evaluate_cases
+
+    best_model = build_model(config_from_dict(model_cfg.to_dict())).to(device)
+    best_model.load_state_dict(load_file(str(out / "best" / "model.safetensors")))
+    best_model.eval()
+    text_encoder.eval()
+    engine = None
+    if cfg["train"]["final_engine_eval"]:
+        loaded = LoadedModel(model=best_model, config=model_cfg, metadata={"name": cfg.get("name", "")},
+                             _text_encoder=text_encoder)
+        engine = evaluate_cases(loaded, val_cases, distances=False, device=str(device))
+        logger.info("engine evaluation on %d validation cases: global Dice %.4f, per-image Dice %.4f",
+                    engine["cases"], engine["dice_global"], engine["dice_per_image"])
+    hardware = state.get("hardware") or "unknown"
+    command = state.get("command") or f"python Training/train.py --config {cfg.get('config_path', '?')}"
+    n_params = sum(p.numel() for p in best_model.parameters())
+    card = model_card(cfg, state["best"], engine, command, state["wall_s"], hardware, n_params)
+    export = cfg.get("export", {}) or {}
+    export_dir = Path(export.get("dir", out / "model"))
+    data = cfg["data"]
+    validation = {"dataset": data["kind"], "split": data.get("val_split", "val"), "epoch": state["best"]["epoch"],
+                  "training_loop": {k: state["best"][k] for k in ("dice_global", "dice_per_image")}}
+    if engine is not None:
+        validation.update({k: engine[k] for k in ("dice_global", "dice_per_image", "iou_global", "iou_per_image",
+                                                  "cases")})
+    meta = {"name": cfg.get("name", model_cfg.model_type), "validation": validation,
+            "training": {"command": command, "wall_minutes": round(state["wall_s"] / 60, 1), "hardware": hardware,
+                         "date": dt.date.today().isoformat(), "train_cases": n_train, "val_cases": len(val_cases)}}
+    save_pretrained(best_model, export_dir, metadata=meta, card=card, half=bool(export.get("half", False)),
+                    text_encoder=text_encoder)
+    logger.info("best model (epoch %d) written to %s", state["best"]["epoch"], export_dir)
+    return export_dir
 
 
 # ----------------------------------------------------------------------------- main
@@ -274,11 +327,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides, e.g. train.epochs=2 output_dir=/tmp/run")
     parser.add_argument("--no-resume", action="store_true", help="start over even if <output_dir>/last exists")
+    parser.add_argument("--export-only", action="store_true",
+                        help="train nothing: export <output_dir>/best as a scored model directory again")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
 
     cfg = load_config(args.config, args.set)
+    cfg["config_path"] = args.config
     t = cfg["train"]
     rank, world, device = setup_distributed()
     out = Path(cfg["output_dir"])
@@ -290,7 +346,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_cfg = config_from_dict(cfg["model"])
     text_encoder = TextEncoder(model_cfg.text).to(device)  # loaded first: it fixes config.text.dim
     model = build_model(model_cfg).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
 
     data = cfg["data"]
     options = data.get("options", {}) or {}
@@ -337,14 +392,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(train_ds) / (t["batch_size"] * world) / t["grad_accum"])
     scheduler = make_scheduler(optimizer, t, steps_per_epoch)
 
-    state = {"epoch": 0, "best": None, "bad_epochs": 0, "history": [], "wall_s": 0.0, "step": 0}
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    state = {"epoch": 0, "best": None, "bad_epochs": 0, "history": [], "wall_s": 0.0, "step": 0,
+             "command": command, "hardware": f"{hardware} x {world} process(es)"}
     last = out / "last"
     if last.is_dir() and not args.no_resume:
         state = load_train_state(last, model, optimizer, scheduler, text_encoder)
+        # runs started before these fields existed: same machine, the plain command
+        state.setdefault("hardware", f"{hardware} x {world} process(es)")
+        state.setdefault("command", f"python Training/train.py --config {args.config}")
         logger.info("resumed from %s at epoch %d", last, state["epoch"])
 
     # find_unused_parameters: a model may leave parameters out of some steps' loss graph (e.g. a
     # text-free branch); plain DDP fails on the 2nd step then. Costs one graph walk per step.
+    if args.export_only:
+        if state["best"] is None or not (out / "best").is_dir():
+            raise SystemExit(f"--export-only: {out / 'best'} does not exist; train first")
+        state["epoch"] = max(state["epoch"], t["epochs"])  # skip the loop
     ddp_model = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     dice_loss = DiceLoss(sigmoid=True)
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, seed=t["seed"], drop_last=True) \
@@ -456,26 +521,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result = {"best": state["best"], "epochs": state["epoch"], "output_dir": str(out)}
     if rank == 0 and state["best"] is not None:
-        best_model = build_model(config_from_dict(model_cfg.to_dict())).to(device)
-        best_model.load_state_dict(load_file(str(out / "best" / "model.safetensors")))
-        hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-        hardware += f" x {world} process(es)"
-        card = model_card(cfg, state["best"], command, state["wall_s"], hardware, n_params)
-        export = cfg.get("export", {}) or {}
-        export_dir = Path(export.get("dir", out / "model"))
-        meta = {"name": cfg.get("name", model_cfg.model_type),
-                "validation": {"dataset": data["kind"], "split": data.get("val_split", "val"),
-                               "dice_global": state["best"]["dice_global"],
-                               "dice_per_image": state["best"]["dice_per_image"], "epoch": state["best"]["epoch"]},
-                "training": {"command": command, "wall_minutes": round(state["wall_s"] / 60, 1),
-                             "hardware": hardware, "date": dt.date.today().isoformat(),
-                             "train_cases": len(train_cases), "val_cases": len(val_cases)}}
-        save_pretrained(best_model, export_dir, metadata=meta, card=card, half=bool(export.get("half", False)),
-                        text_encoder=text_encoder)
-        logger.info("best model (epoch %d, global Dice %.4f, per-image Dice %.4f) written to %s",
-                    state["best"]["epoch"], state["best"]["dice_global"], state["best"]["dice_per_image"], export_dir)
-        result["model_dir"] = str(export_dir)
+        result["model_dir"] = str(export_best(cfg, out, state, model_cfg, text_encoder, val_cases, len(train_cases),
+                                              device, world))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
