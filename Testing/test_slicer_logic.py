@@ -1,0 +1,495 @@
+"""The Slicer module's Logic on real MRML (PyPI slicer-core, no Slicer application), the batch
+script, and the module's packaging (UI file, CMake file list, Python requirements).
+
+The model is a tiny random TMC: these tests check plumbing (names, colours, tags, voxels,
+geometry, all-or-nothing writes), not accuracy. The threshold is set at the median of the
+random model's probabilities so that the label maps compared voxel by voxel are not empty.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+slicer = pytest.importorskip("slicer", reason="PyPI slicer-core is needed for the Slicer logic tests")
+import vtk  # noqa: E402  (slicer-core brings vtk)
+
+from conftest import make_tiny_tmc_config  # noqa: E402
+from TextGuidedSegLib.checkpoint import save_pretrained  # noqa: E402
+from TextGuidedSegLib.engine import SegmentationCancelled, segment_volume  # noqa: E402
+from TextGuidedSegLib.io import read_segmentation, read_volume, sample_path  # noqa: E402
+from TextGuidedSegLib.model_store import load_model  # noqa: E402
+from TextGuidedSegLib.models import build_model  # noqa: E402
+from TextGuidedSegLib.terminology import style_for  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "TextGuidedSeg"
+MODULE_FILE = MODULE_DIR / "TextGuidedSeg.py"
+BATCH_SCRIPT = MODULE_DIR / "Scripts" / "batch_segment.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "TextGuidedSeg.ui"
+ICON_FILE = MODULE_DIR / "Resources" / "Icons" / "TextGuidedSeg.png"
+
+PROMPTS = ["lung infection", "a round structure near the centre, bright"]
+NAMES = ["lung infection", "a round structure near the centre"]
+
+
+def _element(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _tag(segment, name: str) -> str | None:
+    value = vtk.reference("")
+    return value.get() if segment.GetTag(name, value) else None
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tgs():
+    """The module file, imported in plain Python (its Logic must not need slicer.app)."""
+    sys.path.insert(0, str(MODULE_DIR))
+    try:
+        import TextGuidedSeg
+    finally:
+        sys.path.remove(str(MODULE_DIR))
+    assert not TextGuidedSeg.IN_SLICER_APP
+    return TextGuidedSeg
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_pretrained(build_model(make_tiny_tmc_config()), tmp_path_factory.mktemp("models") / "tiny-tmc")
+
+
+@pytest.fixture(scope="module")
+def brain1():
+    return read_volume(sample_path("brain1_image.nrrd"))
+
+
+@pytest.fixture(scope="module")
+def reference(brain1, tiny_model_dir):
+    """(threshold, engine results) for PROMPTS: the engine run directly, the ground truth of the Logic."""
+    model = load_model(str(tiny_model_dir), device="cpu")
+    probe = segment_volume(brain1.array, brain1.ijk_to_ras, PROMPTS[:1], model, device="cpu", return_probability=True)
+    threshold = float(np.median(probe[0].probability))
+    results = segment_volume(brain1.array, brain1.ijk_to_ras, PROMPTS, model, device="cpu", threshold=threshold,
+                             return_probability=True)
+    for r in results:  # the comparison means something only when labels are mixed
+        assert 0.05 < r.labels.mean() < 0.95
+    return threshold, results
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    yield scene
+    scene.Clear(1)
+
+
+@pytest.fixture
+def logic(tgs):
+    return tgs.TextGuidedSegLogic()
+
+
+@pytest.fixture
+def volume_node(scene, logic, brain1):
+    return logic.addVolumeFromArray(scene, brain1.array, brain1.ijk_to_ras, "brain1")
+
+
+def _run(logic, volume_node, tiny_model_dir, threshold, segmentation_node=None, **kwargs):
+    return logic.process(volume_node, PROMPTS, str(tiny_model_dir), segmentation_node, threshold=threshold,
+                         device="cpu", **kwargs)
+
+
+def _segment_ids(segmentation_node) -> list[str]:
+    return list(segmentation_node.GetSegmentation().GetSegmentIDs())
+
+
+def _export(scene, tgs, segmentation_node, segment_id, volume_node) -> tuple[np.ndarray, np.ndarray]:
+    """A segment as a (k, j, i) array on the volume's grid, through the Segmentations module logic,
+    leaving the scene as it was. Returns (array, the labelmap's IJK->RAS)."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    try:
+        assert tgs.TextGuidedSegLogic.segmentationsLogic(scene).ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, labelmap, volume_node)
+        array = slicer.util.arrayFromVolume(labelmap).copy()
+        matrix = vtk.vtkMatrix4x4()
+        labelmap.GetIJKToRASMatrix(matrix)
+        return array, _element(matrix)
+    finally:
+        for node_id in [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]:
+            if node_id not in before:
+                scene.RemoveNode(scene.GetNodeByID(node_id))
+
+
+# --------------------------------------------------------------------------------------------
+# the Logic on real MRML
+# --------------------------------------------------------------------------------------------
+
+
+def test_volume_node_geometry(logic, volume_node, brain1):
+    np.testing.assert_allclose(logic.ijkToRasArray(volume_node), brain1.ijk_to_ras, atol=1e-9)
+    np.testing.assert_array_equal(logic.volumeArray(volume_node), brain1.array)
+    # voxel (i, j, k) lands where SimpleITK (LPS) puts it, x and y negated
+    image = sitk.ReadImage(str(sample_path("brain1_image.nrrd")))
+    matrix = logic.ijkToRasArray(volume_node)
+    for ijk in [(0, 0, 0), (255, 0, 0), (0, 255, 12), (17, 200, 5)]:
+        lps = np.array(image.TransformIndexToPhysicalPoint(ijk))
+        np.testing.assert_allclose((matrix @ (*ijk, 1))[:3], lps * [-1, -1, 1], atol=1e-6)
+
+
+def test_process_segments_match_engine(tgs, scene, logic, volume_node, tiny_model_dir, reference):
+    threshold, expected = reference
+    steps = []
+    node = _run(logic, volume_node, tiny_model_dir, threshold, progress=lambda d, t: steps.append((d, t)))
+    assert node.GetScene() is scene
+    assert steps[-1] == (26, 26)  # 13 slices x 2 prompts
+
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 2
+    ids = _segment_ids(node)
+    for index, (segment_id, prompt, name, result) in enumerate(zip(ids, PROMPTS, NAMES, expected)):
+        segment = segmentation.GetSegment(segment_id)
+        assert segment.GetName() == name
+        np.testing.assert_allclose(segment.GetColor(), style_for(prompt, index).color, atol=1e-6)
+        assert _tag(segment, tgs.PROMPT_TAG) == prompt
+        assert _tag(segment, tgs.MODEL_TAG) == "tiny-tmc"
+        array, matrix = _export(scene, tgs, node, segment_id, volume_node)
+        assert array.shape == result.labels.shape
+        np.testing.assert_array_equal(array != 0, result.labels != 0)
+        np.testing.assert_allclose(matrix, logic.ijkToRasArray(volume_node), atol=1e-9)
+
+    terminology = _tag(segmentation.GetSegment(ids[0]), "TerminologyEntry")
+    assert terminology is not None and "SCT^40733004^Infectious disease" in terminology
+    assert terminology.startswith("Segmentation category and type")
+    assert len(terminology.split("~")) == 7
+    # no known structure in the prompt: no coded type of ours (Slicer may add its generic default)
+    assert "40733004" not in (_tag(segmentation.GetSegment(ids[1]), "TerminologyEntry") or "")
+
+    # reference image geometry = the input volume (matrix and extent)
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    assert node.GetNodeReference(role) is volume_node
+    geometry = segmentation.GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    values = [float(v) for v in geometry.strip(";").split(";")]
+    np.testing.assert_allclose(np.reshape(values[:16], (4, 4)), logic.ijkToRasArray(volume_node), atol=1e-9)
+    assert values[16:] == [0, 255, 0, 255, 0, 12]
+
+
+def test_second_run_adds_unique_segments(tgs, scene, logic, volume_node, tiny_model_dir, reference):
+    threshold, _ = reference
+    node = _run(logic, volume_node, tiny_model_dir, threshold)
+    first_ids = _segment_ids(node)
+    before = {i: _export(scene, tgs, node, i, volume_node)[0] for i in first_ids}
+    colours = {i: node.GetSegmentation().GetSegment(i).GetColor() for i in first_ids}
+
+    assert _run(logic, volume_node, tiny_model_dir, threshold, node) is node
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 4
+    ids = _segment_ids(node)
+    assert ids[:2] == first_ids
+    names = [segmentation.GetSegment(i).GetName() for i in ids]
+    assert names == NAMES + [f"{n} (2)" for n in NAMES]
+    for segment_id in first_ids:  # untouched
+        segment = segmentation.GetSegment(segment_id)
+        np.testing.assert_array_equal(_export(scene, tgs, node, segment_id, volume_node)[0], before[segment_id])
+        assert segment.GetColor() == colours[segment_id]
+    # same prompts, same model: the new segments hold the same voxels
+    for old, new in zip(first_ids, ids[2:]):
+        np.testing.assert_array_equal(_export(scene, tgs, node, new, volume_node)[0], before[old])
+
+
+def test_cancel_leaves_scene_unchanged(scene, logic, volume_node, tiny_model_dir, reference):
+    threshold, _ = reference
+    node = _run(logic, volume_node, tiny_model_dir, threshold)
+    nodes, ids = scene.GetNumberOfNodes(), _segment_ids(node)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(SegmentationCancelled):
+        _run(logic, volume_node, tiny_model_dir, threshold, node, cancel=cancel)
+    with pytest.raises(SegmentationCancelled):  # into a new segmentation: none is created
+        _run(logic, volume_node, tiny_model_dir, threshold, probability=True, cancel=cancel)
+    assert scene.GetNumberOfNodes() == nodes
+    assert _segment_ids(node) == ids
+
+
+def test_cancel_midway_from_progress(scene, logic, volume_node, tiny_model_dir, reference):
+    """Cancel set while running (as the GUI's Cancel does): stops after the current batch."""
+    threshold, _ = reference
+    nodes = scene.GetNumberOfNodes()
+    cancel = threading.Event()
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        cancel.set()
+
+    with pytest.raises(SegmentationCancelled):
+        logic.process(volume_node, PROMPTS, str(tiny_model_dir), threshold=threshold, device="cpu",
+                      progress=progress, cancel=cancel)
+    assert len(calls) == 1 and scene.GetNumberOfNodes() == nodes
+
+
+def test_probability_volumes(tgs, scene, logic, volume_node, tiny_model_dir, reference):
+    threshold, expected = reference
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    node = _run(logic, volume_node, tiny_model_dir, threshold, probability=True)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 2
+    assert node.GetNumberOfNodeReferences(tgs.PROBABILITY_REFERENCE_ROLE) == 2
+    for index, (segment_id, result) in enumerate(zip(_segment_ids(node), expected)):
+        volume = node.GetNthNodeReference(tgs.PROBABILITY_REFERENCE_ROLE, index)
+        assert volume.IsA("vtkMRMLScalarVolumeNode") and not volume.IsA("vtkMRMLLabelMapVolumeNode")
+        assert volume.GetAttribute(tgs.SEGMENT_ID_ATTRIBUTE) == segment_id
+        assert volume.GetAttribute(tgs.PROMPT_TAG) == PROMPTS[index]
+        np.testing.assert_allclose(logic.ijkToRasArray(volume), logic.ijkToRasArray(volume_node), atol=1e-12)
+        np.testing.assert_array_equal(logic.volumeArray(volume), result.probability)
+
+
+def test_uncertainty_volumes(tgs, scene, logic, volume_node, reference):
+    """Models that sample (SVP-CVAE) return an uncertainty map: it becomes a volume like the probability."""
+    import dataclasses
+
+    _, expected = reference
+    sampled = [dataclasses.replace(r, probability=None, uncertainty=np.full(r.labels.shape, 0.25, np.float32))
+               for r in expected]
+    written = logic.write_results(volume_node, sampled)
+    assert written.probabilityNodes == [None, None]
+    node = written.segmentationNode
+    assert node.GetNumberOfNodeReferences(tgs.UNCERTAINTY_REFERENCE_ROLE) == 2
+    for volume, segment_id in zip(written.uncertaintyNodes, written.segmentIds):
+        assert volume.GetAttribute(tgs.SEGMENT_ID_ATTRIBUTE) == segment_id
+        assert np.all(logic.volumeArray(volume) == 0.25)
+        np.testing.assert_allclose(logic.ijkToRasArray(volume), logic.ijkToRasArray(volume_node), atol=1e-12)
+
+
+def test_write_results_is_all_or_nothing(scene, logic, volume_node, reference, monkeypatch):
+    _, expected = reference
+    node = logic.write_results(volume_node, expected[:1]).segmentationNode
+    nodes, ids = scene.GetNumberOfNodes(), _segment_ids(node)
+    original = logic._setSegmentLabelmap
+    calls = []
+
+    def fail_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        original(*args)
+
+    monkeypatch.setattr(logic, "_setSegmentLabelmap", fail_second)
+    with pytest.raises(RuntimeError, match="disk full"):  # into the existing segmentation
+        logic.write_results(volume_node, expected, node)
+    assert _segment_ids(node) == ids and scene.GetNumberOfNodes() == nodes
+    calls.clear()
+    with pytest.raises(RuntimeError, match="disk full"):  # into a new one, with probability volumes
+        logic.write_results(volume_node, expected)
+    assert scene.GetNumberOfNodes() == nodes
+
+
+def test_bad_inputs_fail_clearly(scene, logic, volume_node, tiny_model_dir, reference):
+    threshold, expected = reference
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="no input volume"):
+        logic.process(None, PROMPTS, str(tiny_model_dir))
+    with pytest.raises(ValueError, match="prompt"):
+        logic.process(volume_node, ["", "  "], str(tiny_model_dir), device="cpu")
+    other = slicer.vtkMRMLScene().AddNewNodeByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(ValueError, match="scene"):
+        logic.write_results(volume_node, expected, other)
+    wrong = [type(expected[0])(prompt="x", model_prompt="x", labels=np.zeros((2, 3, 4), np.uint8))]
+    with pytest.raises(ValueError, match="shape"):
+        logic.write_results(volume_node, wrong)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    moved = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    moved.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(ValueError, match="different transforms"):  # refused before inference
+        logic.process(volume_node, PROMPTS, str(tiny_model_dir), moved, device="cpu")
+    scene.RemoveNode(moved)
+    scene.RemoveNode(transform)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(ValueError, match="no voxels"):
+        logic.process(empty, PROMPTS, str(tiny_model_dir))
+    scene.RemoveNode(empty)
+    assert scene.GetNumberOfNodes() == nodes
+
+
+def test_single_slice_xray(tgs, scene, logic, tiny_model_dir):
+    """A 2D chest X-ray (read as a one-slice volume) goes through the same path."""
+    xray = read_volume(sample_path("qata/cxr_s11242-e20020-r1.png"))
+    node = logic.addVolumeFromArray(scene, xray.array, xray.ijk_to_ras, "cxr")
+    model = load_model(str(tiny_model_dir), device="cpu")
+    prompt = "unilateral pulmonary infection, lower left lung"
+    expected = segment_volume(xray.array, xray.ijk_to_ras, [prompt], model, device="cpu", threshold=0.466,
+                              prompt_laterality="image")[0]
+    segmentation_node = logic.process(node, prompt, str(tiny_model_dir), threshold=0.466, device="cpu",
+                                      laterality="image")
+    segment_id = _segment_ids(segmentation_node)[0]
+    assert segmentation_node.GetSegmentation().GetSegment(segment_id).GetName() == "unilateral pulmonary infection"
+    array, _ = _export(scene, tgs, segmentation_node, segment_id, node)
+    assert array.shape == (1, 224, 224)
+    np.testing.assert_array_equal(array != 0, expected.labels != 0)
+
+
+def test_module_self_test_runs_without_slicer_app(tgs, tiny_model_dir):
+    """TextGuidedSegTest (Slicer's 'Reload and Test') also runs in plain Python."""
+    test = tgs.TextGuidedSegTest()
+    test.modelPath = str(tiny_model_dir)
+    test.runTest()
+
+
+# --------------------------------------------------------------------------------------------
+# batch script
+# --------------------------------------------------------------------------------------------
+
+
+def _batch(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(BATCH_SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=str(REPO))
+
+
+def test_batch_script_writes_seg_nrrd(tmp_path, brain1, tiny_model_dir, reference):
+    import slicerio
+
+    threshold, expected = reference
+    out = tmp_path / "out"
+    proc = _batch("--input", str(sample_path("brain1_image.nrrd")), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                  "--output", str(out), "--model", str(tiny_model_dir), "--threshold", repr(threshold),
+                  "--device", "cpu", "--probability")
+    assert proc.returncode == 0, proc.stderr
+    probability_files = [f"brain1_image_{n.replace(' ', '_').replace(',', '_')}_probability.nrrd" for n in NAMES]
+    # no temp file left behind
+    assert sorted(p.name for p in out.iterdir()) == sorted(["brain1_image.seg.nrrd", *probability_files])
+    for name, result in zip(probability_files, expected):
+        volume = read_volume(out / name)
+        np.testing.assert_array_equal(volume.array, result.probability)
+        np.testing.assert_allclose(volume.ijk_to_ras, brain1.ijk_to_ras, atol=1e-6)
+    seg = slicerio.read_segmentation(str(out / "brain1_image.seg.nrrd"))
+    assert [s["name"] for s in seg["segments"]] == NAMES
+    segments, ijk_to_ras = read_segmentation(out / "brain1_image.seg.nrrd")
+    np.testing.assert_allclose(ijk_to_ras, brain1.ijk_to_ras, atol=1e-6)
+    for spec, prompt, result in zip(segments, PROMPTS, expected):
+        assert spec.prompt == prompt
+        np.testing.assert_array_equal(spec.mask, result.labels != 0)
+    assert "Infectious disease" in (segments[0].terminology or "")
+
+
+def test_batch_script_missing_input(tmp_path):
+    out = tmp_path / "out"
+    missing = tmp_path / "nope" / "scan.nrrd"
+    proc = _batch("--input", str(missing), "--prompt", "lung", "--output", str(out))
+    assert proc.returncode == 2
+    assert "batch_segment: error:" in proc.stderr and str(missing) in proc.stderr and "not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_batch_script_unreadable_input_is_skipped(tmp_path, tiny_model_dir):
+    broken = tmp_path / "in" / "broken.nrrd"
+    broken.parent.mkdir()
+    broken.write_text("not an image")
+    out = tmp_path / "out"
+    proc = _batch("--input", str(broken), "--prompt", "lung", "--output", str(out), "--model", str(tiny_model_dir),
+                  "--device", "cpu")
+    assert proc.returncode == 2
+    assert f"{broken}: could not read the image" in proc.stderr and "1 of 1 input(s) failed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# packaging: module file, UI, CMake, requirements, icon
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [MODULE_FILE, BATCH_SCRIPT], ids=["module", "batch"])
+def test_python39_syntax(path):
+    ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9))
+
+
+def test_tags_match_library(tgs):
+    from TextGuidedSegLib import io as tio
+
+    assert tgs.PROMPT_TAG == tio.PROMPT_TAG  # segments written in Slicer and by the CLI carry the same tag
+
+
+def test_parameter_node_annotations_resolve(tgs):
+    hints = tgs.TextGuidedSegParameterNode.__annotations__
+    assert set(hints) == {"inputVolume", "outputSegmentation", "modelName", "prompts", "threshold", "device",
+                          "axis", "laterality", "writeProbability"}
+    assert hints["inputVolume"] is slicer.vtkMRMLScalarVolumeNode
+    assert not any(isinstance(h, str) for h in hints.values())
+
+
+def test_ui_file_matches_widget(tgs):
+    root = ET.parse(UI_FILE).getroot()
+    widgets = {w.get("name"): w.get("class") for w in root.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    assert used and used <= set(widgets), f"missing in the .ui: {used - set(widgets)}"
+    custom = {c.findtext("class") for c in root.iter("customwidget")}
+    qt_classes = {c for c in widgets.values() if not c.startswith("Q")}
+    assert qt_classes <= custom
+    expected_class = {"inputVolume": "qMRMLNodeComboBox", "outputSegmentation": "qMRMLNodeComboBox",
+                      "threshold": "ctkSliderWidget", "device": "QComboBox", "axis": "QComboBox",
+                      "laterality": "QComboBox", "writeProbability": "QCheckBox"}
+    bound = {}
+    for w in root.iter("widget"):
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.findtext("string")] = w.get("class")
+    assert bound == expected_class
+    assert set(bound) <= set(tgs.TextGuidedSegParameterNode.__annotations__)
+    for name in ("modelComboBox", "importModelButton", "promptsTextEdit", "applyButton", "progressBar",
+                 "statusLabel"):
+        assert name in widgets
+
+
+def test_cmake_lists_every_library_file():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    block = re.search(r"set\(LIB_PYTHON_SCRIPTS\s+(.*?)\)", text, re.S).group(1)
+    listed = {line.strip().replace("${LIB_NAME}", "TextGuidedSegLib") for line in block.splitlines() if line.strip()}
+    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "TextGuidedSegLib").rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert listed == on_disk, (f"add to TextGuidedSeg/CMakeLists.txt: {sorted(on_disk - listed)}; "
+                               f"listed but missing: {sorted(listed - on_disk)}")
+    top = (REPO / "CMakeLists.txt").read_text()
+    for needle in ("project(TextGuidedSeg)", 'EXTENSION_DEPENDS "PyTorch"', "find_package(Slicer REQUIRED)",
+                   "add_subdirectory(TextGuidedSeg)", "Slicer_EXTENSION_CPACK"):
+        assert needle in top
+
+
+def test_requirements_cover_pyproject(tgs):
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+
+    def name(requirement: str) -> str:
+        return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+    assert {name(d) for d in deps} - {"torch"} == {name(r) for _, r in tgs.PYTHON_REQUIREMENTS}
+    assert tgs.TextGuidedSegLogic.missingPythonRequirements() == []
+
+
+def test_icon():
+    from PIL import Image
+
+    with Image.open(ICON_FILE) as image:
+        assert image.size == (128, 128)
+    assert ICON_FILE.stat().st_size < 20_000
