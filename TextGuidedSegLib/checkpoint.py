@@ -86,6 +86,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[s
                "model_type": config.model_type, "config": config.to_dict(), "metadata": metadata or {}}
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if text_encoder is not None and not text_encoder.config.uses_cache:
@@ -99,6 +101,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[s
         (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
         if card:
             (tmp / CARD_NAME).write_text(card)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700: give the usual permissions
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

@@ -12,6 +12,7 @@ that had a defined distance is reported beside it.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,8 +41,10 @@ def surface_distances(pred: np.ndarray, target: np.ndarray, spacing: tuple[float
     pt = torch.from_numpy(p)[None, None]
     gt = torch.from_numpy(g)[None, None]
     kw = {"spacing": list(spacing)} if spacing is not None else {}
-    hd95 = compute_hausdorff_distance(pt, gt, percentile=95, **kw)
-    asd = compute_average_surface_distance(pt, gt, symmetric=True, **kw)
+    with warnings.catch_warnings():  # MONAI 1.5+ deprecation notice raised from inside its own code
+        warnings.simplefilter("ignore", FutureWarning)
+        hd95 = compute_hausdorff_distance(pt, gt, percentile=95, **kw)
+        asd = compute_average_surface_distance(pt, gt, symmetric=True, **kw)
     return float(hd95.item()), float(asd.item())
 
 

@@ -146,6 +146,9 @@ class TextEncoder(nn.Module):
     def __init__(self, config: TextEncoderConfig, cache_size: int = 4096) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer, CLIPTextModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our callers show their own progress
 
         self.config = config
         path = resolve_text_model_path(config.name_or_path)
