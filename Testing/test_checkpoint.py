@@ -59,9 +59,9 @@ def test_round_trip_same_outputs(tiny_model, saved, inputs):
     assert torch.equal(_logits(loaded.model, inputs), _logits(tiny_model, inputs))
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[k], v), k
-    payload = json.loads((saved / CONFIG_NAME).read_text())
+    payload = json.loads((saved / CONFIG_NAME).read_text(encoding="utf-8"))
     assert payload["format_version"] == FORMAT_VERSION and payload["model_type"] == "tmc"
-    assert (saved / "README.md").read_text() == "# tiny\n"
+    assert (saved / "README.md").read_text(encoding="utf-8") == "# tiny\n"
 
 
 def test_lazy_text_encoder_of_loaded_model(saved):
@@ -99,13 +99,13 @@ def test_overwrite_existing_directory(tiny_model, saved, inputs):
 
 def _rewrite_config(directory: Path, **changes) -> None:
     path = directory / CONFIG_NAME
-    payload = json.loads(path.read_text())
+    payload = json.loads(path.read_text(encoding="utf-8"))
     for key, value in changes.items():
         if key == "config_model_type":
             payload["config"]["model_type"] = value
         else:
             payload[key] = value
-    path.write_text(json.dumps(payload))
+    path.write_text(encoding="utf-8", data=json.dumps(payload))
 
 
 def test_unknown_model_type(saved):
@@ -181,7 +181,7 @@ def test_no_weights_at_all(saved):
 def test_not_a_directory_and_bad_json(tmp_path, saved):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_pretrained(tmp_path / "nowhere")
-    (saved / CONFIG_NAME).write_text("{not json")
+    (saved / CONFIG_NAME).write_text(encoding="utf-8", data="{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         read_config(saved)
 

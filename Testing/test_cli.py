@@ -135,7 +135,7 @@ def image_dir(tmp_path) -> Path:
     d.mkdir()
     for name in ("cxr_s11234-e19977-r1", "cxr_s11242-e20020-r1", "cxr_s11247-e20029-r1"):
         shutil.copy(io.sample_path(f"qata/{name}.png"), d / f"{name}.png")
-    (d / "notes.txt").write_text("not an image\n")
+    (d / "notes.txt").write_text(encoding="utf-8", data="not an image\n")
     return d
 
 
@@ -301,10 +301,10 @@ def test_evaluate_qata_val_is_externally_checkable(cli, model_dir, shared_data, 
                           "--device", "cpu", "--quiet")
     assert rc == 0, err
     assert "Dice global" in stdout and "Dice per-image" in stdout
-    ids = list(dict.fromkeys(json.loads((root / "split.json").read_text())["val"]))[:6]
+    ids = list(dict.fromkeys(json.loads((root / "split.json").read_text(encoding="utf-8"))["val"]))[:6]
     assert _files(preds) == sorted(f"{cid}.png" for cid in ids)
 
-    summary = json.loads(json_path.read_text())
+    summary = json.loads(json_path.read_text(encoding="utf-8"))
     assert summary["cases"] == 6 and summary["split"] == "val" and summary["dataset"] == "qata"
     per_image, inter, ps, gs, seen = [], 0, 0, 0, set()
     for cid in ids:
@@ -320,7 +320,7 @@ def test_evaluate_qata_val_is_externally_checkable(cli, model_dir, shared_data, 
     assert summary["dice_global"] == 2 * inter / (ps + gs)
     assert f"{summary['dice_global']:.4f}" in stdout and f"{summary['dice_per_image']:.4f}" in stdout
 
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [r["case_id"] for r in rows] == ids
     assert [float(r["dice"]) for r in rows] == per_image

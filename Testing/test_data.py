@@ -56,7 +56,7 @@ def test_read_kvasir(shared_data):
     val = read_kvasir(root, "val")
     assert len(val) == 100
     assert len(read_kvasir(root, "train", prompt="p1")) == 798
-    anns = json.loads((root / "anns" / "val.json").read_text())
+    anns = json.loads((root / "anns" / "val.json").read_text(encoding="utf-8"))
     assert [c.case_id for c in val] == [a["segment_id"] for a in anns]
     assert val[0].text == anns[0]["prompts"]["p6"] == "one medium white oval polyp, located in center of the image"
     assert all("located in" in c.text for c in val)  # p6 = the location prompt
@@ -96,7 +96,7 @@ def test_read_csv(tmp_path):
     _write_case(tmp_path / "img", "b.png", 50)
     _write_case(tmp_path / "msk", "b.png", 0)
     table = tmp_path / "cases.csv"
-    with table.open("w", newline="") as f:
+    with table.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["image", "mask", "text", "split", "case_id"])
         w.writerow(["img/a.png", "msk/a.png", "left lung", "train", ""])
@@ -118,11 +118,11 @@ def test_read_csv_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_csv(tmp_path / "missing.csv")
     bad = tmp_path / "bad.csv"
-    bad.write_text("image,text\nx.png,left\n")
+    bad.write_text(encoding="utf-8", data="image,text\nx.png,left\n")
     with pytest.raises(ValueError, match=r"missing columns \['mask'\]"):
         read_csv(bad)
     nosplit = tmp_path / "nosplit.csv"
-    nosplit.write_text("image,mask,text\nx.png,y.png,left\n")
+    nosplit.write_text(encoding="utf-8", data="image,mask,text\nx.png,y.png,left\n")
     with pytest.raises(ValueError, match="no 'split' column"):
         read_csv(nosplit, split="train")
 

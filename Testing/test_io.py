@@ -171,7 +171,7 @@ def test_qata_samples_png(case_id, side):
 
     mask = tio.read_volume(tio.sample_path(f"qata/{case_id}_mask.png")).array[0]
     assert set(np.unique(mask).tolist()) == {0, 255}
-    report = tio.sample_path(f"qata/{case_id}.txt").read_text()
+    report = tio.sample_path(f"qata/{case_id}.txt").read_text(encoding="utf-8")
     fg = mask > 127
     left_fraction = fg[:, :112].sum() / fg.sum()  # "left" = image's left half in QaTa reports
     if side == "left":
@@ -499,7 +499,7 @@ def test_segmentation_write_failure_is_atomic(tmp_path, monkeypatch):
 
 def test_sample_path():
     assert tio.sample_path("brain1_label.nrrd").is_file()
-    assert tio.sample_path("LICENSE.pyradiomics.txt").read_text().startswith("Copyright 2017 Harvard Medical School")
+    assert tio.sample_path("LICENSE.pyradiomics.txt").read_text(encoding="utf-8").startswith("Copyright 2017 Harvard Medical School")
     with pytest.raises(FileNotFoundError, match="brain1_image.nrrd"):
         tio.sample_path("nothing.nrrd")
     with pytest.raises(FileNotFoundError):

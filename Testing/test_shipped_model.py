@@ -17,14 +17,14 @@ SAMPLES = ["cxr_s11234-e19977-r1", "cxr_s11242-e20020-r1", "cxr_s11247-e20029-r1
 
 
 def test_manifest_lists_default_with_matching_sha256():
-    entries = {e["name"]: e for e in json.loads(MANIFEST.read_text())["models"]}
+    entries = {e["name"]: e for e in json.loads(MANIFEST.read_text(encoding="utf-8"))["models"]}
     assert DEFAULT_MODEL in entries
     entry = resolve_model(DEFAULT_MODEL)
     assert entry.source == "shipped"
     weights = entry.path / WEIGHTS_NAME
     assert sha256_of(weights) == entries[DEFAULT_MODEL]["sha256"]
     assert weights.stat().st_size <= 25 * 2**20
-    assert (entry.path / "README.md").read_text().count("Dice") >= 2
+    assert (entry.path / "README.md").read_text(encoding="utf-8").count("Dice") >= 2
     assert DEFAULT_MODEL in [e.name for e in list_models()]
 
 
@@ -39,7 +39,7 @@ def test_default_model_segments_shipped_xrays(default_model):
     for cid in SAMPLES:
         vol = io.read_volume(io.sample_path(f"qata/{cid}.png"))
         truth = io.read_volume(io.sample_path(f"qata/{cid}_mask.png")).array[0] > 127
-        report = io.sample_path(f"qata/{cid}.txt").read_text()
+        report = io.sample_path(f"qata/{cid}.txt").read_text(encoding="utf-8")
         [res] = segment_volume(vol.array, vol.ijk_to_ras, [report], default_model, prompt_laterality="image")
         dices.append(dice_iou(res.labels[0] > 0, truth)[0])
     # measured 2026-11-25 on these three validation images; a broken model or pipeline scores ~0

@@ -361,7 +361,7 @@ def test_module_self_test_runs_without_slicer_app(tgs, tiny_model_dir):
 
 def _batch(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(BATCH_SCRIPT), *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, str(BATCH_SCRIPT), *args], capture_output=True, text=True, encoding="utf-8", env=env,
                           timeout=300, cwd=str(REPO))
 
 
@@ -404,7 +404,7 @@ def test_batch_script_missing_input(tmp_path):
 def test_batch_script_unreadable_input_is_skipped(tmp_path, tiny_model_dir):
     broken = tmp_path / "in" / "broken.nrrd"
     broken.parent.mkdir()
-    broken.write_text("not an image")
+    broken.write_text(encoding="utf-8", data="not an image")
     out = tmp_path / "out"
     proc = _batch("--input", str(broken), "--prompt", "lung", "--output", str(out), "--model", str(tiny_model_dir),
                   "--device", "cpu")
@@ -421,7 +421,7 @@ def test_batch_script_unreadable_input_is_skipped(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("path", [MODULE_FILE, BATCH_SCRIPT], ids=["module", "batch"])
 def test_python39_syntax(path):
-    ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9))
+    ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
 
 
 def test_tags_match_library(tgs):
@@ -441,7 +441,7 @@ def test_parameter_node_annotations_resolve(tgs):
 def test_ui_file_matches_widget(tgs):
     root = ET.parse(UI_FILE).getroot()
     widgets = {w.get("name"): w.get("class") for w in root.iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     assert used and used <= set(widgets), f"missing in the .ui: {used - set(widgets)}"
     custom = {c.findtext("class") for c in root.iter("customwidget")}
     qt_classes = {c for c in widgets.values() if not c.startswith("Q")}
@@ -462,14 +462,14 @@ def test_ui_file_matches_widget(tgs):
 
 
 def test_cmake_lists_every_library_file():
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     block = re.search(r"set\(LIB_PYTHON_SCRIPTS\s+(.*?)\)", text, re.S).group(1)
     listed = {line.strip().replace("${LIB_NAME}", "TextGuidedSegLib") for line in block.splitlines() if line.strip()}
     on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "TextGuidedSegLib").rglob("*.py")
                if "__pycache__" not in p.parts}
     assert listed == on_disk, (f"add to TextGuidedSeg/CMakeLists.txt: {sorted(on_disk - listed)}; "
                                f"listed but missing: {sorted(listed - on_disk)}")
-    top = (REPO / "CMakeLists.txt").read_text()
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for needle in ("project(TextGuidedSeg)", 'EXTENSION_DEPENDS "PyTorch"', "find_package(Slicer REQUIRED)",
                    "add_subdirectory(TextGuidedSeg)", "Slicer_EXTENSION_CPACK"):
         assert needle in top
@@ -478,7 +478,7 @@ def test_cmake_lists_every_library_file():
 def test_requirements_cover_pyproject(tgs):
     import tomllib
 
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
 
     def name(requirement: str) -> str:
         return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")

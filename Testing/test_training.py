@@ -54,12 +54,12 @@ def tiny_config(shared_data: Path, output_dir: Path, **train) -> dict:
 
 
 def write_config(path: Path, cfg: dict) -> Path:
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path.write_text(encoding="utf-8", data=yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
 def read_log(output_dir: Path) -> list[dict]:
-    with (output_dir / "log.csv").open(newline="") as f:
+    with (output_dir / "log.csv").open(newline="", encoding="utf-8") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
@@ -85,7 +85,7 @@ def test_training_loss_goes_down(run_a):
     assert lrs[0] > lrs[1] > lrs[2]  # cosine decay
     assert result["epochs"] == 3
     assert {p.name for p in out.iterdir()} >= {"last", "best", "model", "log.csv", "text_cache.safetensors"}
-    texts = json.loads((out / "text_cache.json").read_text())["texts"]
+    texts = json.loads((out / "text_cache.json").read_text(encoding="utf-8"))["texts"]
     assert any("left lung" in t for t in texts) and texts == sorted(set(texts))
 
 
@@ -95,7 +95,7 @@ def test_exported_model_loads_with_both_dice_figures(run_a):
     assert model_dir == out / "model"
     loaded = load_pretrained(model_dir)
     assert loaded.config.model_type == "tmc" and loaded.config.image_size == 64
-    payload = json.loads((model_dir / "config.json").read_text())
+    payload = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     val = payload["metadata"]["validation"]
     best_row = next(r for r in read_log(out) if r["epoch"] == val["epoch"])
     assert val["dice_global"] == pytest.approx(best_row["val_dice_global"])
@@ -104,7 +104,7 @@ def test_exported_model_loads_with_both_dice_figures(run_a):
     assert payload["metadata"]["name"] == "tiny_tmc_test"
     assert payload["metadata"]["training"]["train_cases"] == 32
     assert payload["metadata"]["training"]["val_cases"] == 16
-    card = (model_dir / "README.md").read_text()
+    card = (model_dir / "README.md").read_text(encoding="utf-8")
     assert "Dice, global" in card and "Dice, per-image" in card
     assert f"{val['dice_global']:.4f}" in card and f"{val['dice_per_image']:.4f}" in card
     # the exported weights are the best epoch's
@@ -122,7 +122,7 @@ def test_resume_is_exact(run_a, shared_data, tmp_path, train_module):
     first = train_module.main(["--config", str(cfg), "--set", "train.max_time_minutes=0.00001"])
     assert first["epochs"] == 1
     assert [r["epoch"] for r in read_log(out_b)] == [1]
-    assert json.loads((out_b / "last" / "state.json").read_text())["trainer"]["epoch"] == 1
+    assert json.loads((out_b / "last" / "state.json").read_text(encoding="utf-8"))["trainer"]["epoch"] == 1
     # run B, part 2: the same command without the budget continues from last/
     second = train_module.main(["--config", str(cfg)])
     assert second["epochs"] == 3
@@ -147,7 +147,7 @@ def test_ddp_two_processes_on_cpu(shared_data, tmp_path):
     cfg = write_config(tmp_path / "tiny.yaml", tiny_config(shared_data, out, epochs=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(TRAIN_SCRIPT),
-                           "--config", str(cfg)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           "--config", str(cfg)], cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     log = read_log(out)
     assert [r["epoch"] for r in log] == [1, 2]  # rank 0 alone writes the log

@@ -98,9 +98,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[s
             enc.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
             text_encoder.tokenizer.save_pretrained(tmp / TEXT_ENCODER_DIR)
             payload["text_encoder_dir"] = TEXT_ENCODER_DIR
-        (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(encoding="utf-8", data=json.dumps(payload, indent=2) + "\n")
         if card:
-            (tmp / CARD_NAME).write_text(card)
+            (tmp / CARD_NAME).write_text(encoding="utf-8", data=card)
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700: give the usual permissions
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         if directory.exists():
@@ -125,7 +125,7 @@ def read_config(directory: str | Path) -> dict[str, Any]:
                 f"can run arbitrary code") if pickles else ""
         raise CheckpointError(f"{directory} has no {CONFIG_NAME}: not a TextGuidedSeg model directory{hint}")
     try:
-        payload = json.loads(path.read_text())
+        payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
     version = payload.get("format_version")

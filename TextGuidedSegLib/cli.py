@@ -50,7 +50,7 @@ def collect_inputs(items: Sequence[str]) -> list[Path]:
             listing = Path(item[1:])
             if not listing.is_file():
                 raise UserError(f"list file {listing} not found")
-            paths += [Path(line.strip()) for line in listing.read_text().splitlines() if line.strip()]
+            paths += [Path(line.strip()) for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
             continue
         p = Path(item)
         if p.is_dir():
@@ -169,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                  progress=lambda n, total: bar.update(n - bar.n))
     summary = {"model": model.name, "dataset": args.dataset, "split": args.split, **summary}
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        Path(args.json).write_text(encoding="utf-8", data=json.dumps(summary, indent=2) + "\n")
     print(f"model {model.name} on {args.dataset}/{args.split} ({summary['cases']} cases)")
     print(f"  Dice global (pooled pixels): {summary['dice_global']:.4f}")
     print(f"  Dice per-image (mean):       {summary['dice_per_image']:.4f}")

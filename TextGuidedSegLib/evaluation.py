@@ -64,7 +64,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[SegmentationCase], *, sav
     summary = scores.summary()
     summary["slices_per_second"] = len(cases) / engine_seconds if engine_seconds > 0 else float("nan")
     if per_case_csv:
-        with open(per_case_csv, "w", newline="") as f:
+        with open(per_case_csv, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)

@@ -49,7 +49,7 @@ def manifest_entries() -> list[ModelEntry]:
     if not MANIFEST.is_file():
         return []
     entries = []
-    for item in json.loads(MANIFEST.read_text())["models"]:
+    for item in json.loads(MANIFEST.read_text(encoding="utf-8"))["models"]:
         path = PACKAGE_DIR / item["path"] if item.get("path") else None
         entries.append(ModelEntry(item["name"], path, "shipped" if path else "manifest", item.get("model_type", ""),
                                   item.get("sha256"), item.get("description", ""), item.get("licence", "")))

@@ -67,7 +67,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 # ----------------------------------------------------------------------------- configuration
 def load_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     """YAML config + ``key.sub=value`` overrides (values parsed as YAML: numbers, lists, null)."""
-    cfg = yaml.safe_load(Path(path).read_text())
+    cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     for item in overrides:
         if "=" not in item:
             raise SystemExit(f"override {item!r} must look like section.key=value")
@@ -107,7 +107,7 @@ def build_text_table(encoder: TextEncoder, texts: list[str], cache_file: Path) -
     """Encode every distinct prompt once (frozen encoder) and keep the table on disk."""
     texts = sorted(set(texts))
     if cache_file.is_file():
-        meta = json.loads(cache_file.with_suffix(".json").read_text())
+        meta = json.loads(cache_file.with_suffix(".json").read_text(encoding="utf-8"))
         if meta["texts"] == texts and meta["encoder"] == encoder.config.to_dict():
             t = load_file(str(cache_file))
             hidden = tuple(t[f"hidden_{i}"] for i in range(meta["num_hidden"]))
@@ -118,7 +118,7 @@ def build_text_table(encoder: TextEncoder, texts: list[str], cache_file: Path) -
     tensors.update({f"hidden_{i}": h for i, h in enumerate(table.hidden_states)})
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(cache_file))
-    cache_file.with_suffix(".json").write_text(json.dumps(
+    cache_file.with_suffix(".json").write_text(encoding="utf-8", data=json.dumps(
         {"texts": texts, "encoder": encoder.config.to_dict(), "num_hidden": len(table.hidden_states)}))
     return table, {s: i for i, s in enumerate(texts)}
 
@@ -159,7 +159,7 @@ def save_train_state(directory: Path, model: torch.nn.Module, optimizer: torch.o
     if text_encoder is not None and not text_encoder.config.uses_cache:
         skeleton["text_encoder"] = flatten_state(text_encoder.state_dict(), "text", tensors)
     save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(skeleton))
+    (tmp / "state.json").write_text(encoding="utf-8", data=json.dumps(skeleton))
     if directory.exists():
         for f in directory.iterdir():
             f.unlink()
@@ -171,7 +171,7 @@ def load_train_state(directory: Path, model: torch.nn.Module, optimizer: torch.o
                      scheduler: Any, text_encoder: TextEncoder | None) -> dict[str, Any]:
     model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
     tensors = load_file(str(directory / "state.safetensors"))
-    skeleton = json.loads((directory / "state.json").read_text())
+    skeleton = json.loads((directory / "state.json").read_text(encoding="utf-8"))
     opt_state = unflatten_state(skeleton["optimizer"], tensors)
     opt_state["state"] = {int(k): v for k, v in opt_state["state"].items()}
     optimizer.load_state_dict(opt_state)
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if rank == 0:
             logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             new = not log_path.exists()
-            with log_path.open("a", newline="") as f:
+            with log_path.open("a", newline="", encoding="utf-8") as f:
                 w = csv.DictWriter(f, fieldnames=list(row))
                 if new:
                     w.writeheader()

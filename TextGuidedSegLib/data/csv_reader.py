@@ -16,7 +16,7 @@ def read_csv(path: str | Path, split: str | None = None, laterality: str = "imag
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CSV file {path} not found")
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     missing = {"image", "mask", "text"} - set(rows[0] if rows else {})
     if missing:

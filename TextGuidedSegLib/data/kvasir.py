@@ -22,7 +22,7 @@ def read_kvasir(root: str | Path, split: str, prompt: str = "p6") -> list[Segmen
         raise FileNotFoundError(f"{anns} not found: is {root} a Kvasir-SEG folder (images/, masks/, anns/)?")
     check_split(split, sorted(p.stem for p in anns.glob("*.json")), root)
     cases = []
-    for entry in json.loads((anns / f"{split}.json").read_text()):
+    for entry in json.loads((anns / f"{split}.json").read_text(encoding="utf-8")):
         prompts = entry["prompts"]
         if prompt not in prompts:
             raise KeyError(f"prompt key {prompt!r} not in Kvasir annotations; available: {sorted(prompts)}")

@@ -21,7 +21,7 @@ def read_qata(root: str | Path, split: str) -> list[SegmentationCase]:
     if not split_file.is_file():
         raise FileNotFoundError(f"{split_file} not found: is {root} a QaTa-COV19 folder "
                                 "(images/, masks/, reports/, split.json)?")
-    splits = json.loads(split_file.read_text())
+    splits = json.loads(split_file.read_text(encoding="utf-8"))
     check_split(split, sorted(splits), root)
     cases = []
     for cid in dict.fromkeys(splits[split]):  # de-duplicate, keep order
@@ -29,5 +29,5 @@ def read_qata(root: str | Path, split: str) -> list[SegmentationCase]:
         if not report.is_file():
             raise FileNotFoundError(f"QaTa case {cid}: report {report} is missing")
         cases.append(SegmentationCase(cid, root / "images" / f"{cid}.png", root / "masks" / f"{cid}.png",
-                                      report.read_text().strip(), LATERALITY))
+                                      report.read_text(encoding="utf-8").strip(), LATERALITY))
     return cases
