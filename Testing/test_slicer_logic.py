@@ -9,11 +9,13 @@ random model's probabilities so that the label maps compared voxel by voxel are 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
 import sys
 import threading
+import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -352,6 +354,29 @@ def test_module_self_test_runs_without_slicer_app(tgs, tiny_model_dir):
     test = tgs.TextGuidedSegTest()
     test.modelPath = str(tiny_model_dir)
     test.runTest()
+    assert not test.plumbingOnly
+
+
+def test_module_self_test_without_torch_skips_with_message(tgs, monkeypatch, caplog):
+    real = tgs.importlib.util.find_spec
+    monkeypatch.setattr(tgs.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    test = tgs.TextGuidedSegTest()
+    with caplog.at_level("INFO", logger=tgs.logger.name):
+        test.runTest()  # 'Reload and Test': returns, does not fail
+        with pytest.raises(unittest.SkipTest, match="torch is not installed: install the PyTorch extension"):
+            test.test_TextGuidedSeg_brain1()  # unittest / ctest: a skip
+    assert "torch is not installed: install the PyTorch extension" in caplog.text
+
+
+def test_module_self_test_says_random_model_is_plumbing_only(tgs, monkeypatch, caplog, tmp_path):
+    from TextGuidedSegLib import model_store
+
+    monkeypatch.setattr(model_store, "list_models", lambda: [])  # the default model is "not installed"
+    test = tgs.TextGuidedSegTest()
+    with caplog.at_level("INFO", logger=tgs.logger.name):
+        path = test._model(str(tmp_path))
+    assert Path(path).is_dir() and test.plumbingOnly
+    assert "tiny RANDOM model" in caplog.text and "plumbing check only" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,6 +498,25 @@ def test_cmake_lists_every_library_file():
     for needle in ("project(TextGuidedSeg)", 'EXTENSION_DEPENDS "PyTorch"', "find_package(Slicer REQUIRED)",
                    "add_subdirectory(TextGuidedSeg)", "Slicer_EXTENSION_CPACK"):
         assert needle in top
+
+
+def _cmake_set(text: str, name: str) -> str:
+    return re.search(rf'set\({name}\s+"([^"]*)"\)', text).group(1)
+
+
+def test_extension_catalog_entry_matches_cmake():
+    """TextGuidedSeg.json (the Slicer ExtensionsIndex entry) agrees with the top-level CMakeLists.txt."""
+    entry = json.loads((REPO / "TextGuidedSeg.json").read_text(encoding="utf-8"))
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                                       "slicer-extension-catalog-entry-schema-")
+    assert set(entry) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision",
+                          "scm_type", "scm_url", "tier"}
+    assert entry["category"] == _cmake_set(top, "EXTENSION_CATEGORY")
+    assert entry["build_dependencies"] == re.split(r"[;\s]+", _cmake_set(top, "EXTENSION_DEPENDS").strip())
+    assert entry["scm_url"] == _cmake_set(top, "EXTENSION_HOMEPAGE") + ".git"
+    assert entry["scm_revision"] == "main" and entry["build_subdirectory"] == "."
+    assert entry["tier"] in (1, 3, 5)
 
 
 def test_requirements_cover_pyproject(tgs):

@@ -2,7 +2,7 @@
 
     textguidedseg predict IMAGE_OR_DIR [...] --prompt "lower left lung infection" --output out/
     textguidedseg evaluate --dataset qata --data-root ../shared/data/qata --split val
-    textguidedseg models list | info NAME | import PATH [--name NAME]
+    textguidedseg models list | info NAME | import PATH [--name NAME] | download NAME
 
 Every error a user can cause (missing file, empty prompt, NaN voxels, unknown model, ...) ends in a
 one-line message and exit status 2, with no partial output file.
@@ -186,7 +186,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "list":
         entries = list_models()
         for e in entries:
-            print(f"{e.name:24s} {e.model_type:10s} {e.source:8s} {e.path}")
+            where = e.path if e.path is not None else f"(not downloaded: textguidedseg models download {e.name})"
+            print(f"{e.name:24s} {e.model_type:10s} {e.source:8s} {where}")
         if not entries:
             print("no models installed")
         print(f"(user cache: {cache_dir()})")
@@ -197,6 +198,35 @@ def cmd_models(args: argparse.Namespace) -> int:
             raise UserError("models import needs a PATH (a model directory or .zip)")
         target = import_model(args.target, name=args.name, overwrite=args.overwrite)
         print(f"imported as {target.name} ({target})")
+    elif args.action == "download":
+        if not args.target:
+            raise UserError("models download needs a NAME (see 'textguidedseg models list')")
+        return _download(args.target, quiet=args.quiet)
+    return 0
+
+
+def _download(name: str, quiet: bool = False) -> int:
+    from tqdm import tqdm
+
+    from .model_store import download_model
+
+    bars: list = []  # created on the first chunk: nothing is shown when nothing is fetched
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc=name, total=total or None, unit="B", unit_scale=True, unit_divisor=1024,
+                             disable=quiet, file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        target = download_model(name, progress=progress)
+    except KeyboardInterrupt:
+        print(f"textguidedseg: download of {name} interrupted; nothing was installed", file=sys.stderr)
+        return 130
+    finally:
+        for bar in bars:
+            bar.close()
+    print(f"downloaded {name} ({target})" if bars else f"{name} is already installed ({target})")
     return 0
 
 
@@ -239,11 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
-    m = sub.add_parser("models", help="list, describe or import models")
-    m.add_argument("action", choices=("list", "info", "import"))
-    m.add_argument("target", nargs="?", help="model name (info) or a directory / .zip (import)")
+    m = sub.add_parser("models", help="list, describe, import or download models")
+    m.add_argument("action", choices=("list", "info", "import", "download"))
+    m.add_argument("target", nargs="?", help="model name (info, download) or a directory / .zip (import)")
     m.add_argument("--name", default=None, help="name in the cache (import)")
     m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--quiet", "-q", action="store_true", help="no progress bar (download)")
     m.set_defaults(func=cmd_models)
     return parser
 

@@ -1,20 +1,30 @@
-"""Where models live: the ones shipped in the package, and a per-user cache for imported ones.
+"""Where models live: the ones shipped in the package, and a per-user cache for imported and downloaded ones.
 
-``Models.json`` (next to this file) is the manifest: name, version, model type, licence, and the
-SHA-256 of each model's weights, checked on every load. The cache location is
+``Models.json`` (next to this file; schema in ``Models-schema.json``) is the manifest: name, version,
+model type, licence, and the SHA-256 and size of each model's weights file (``model.safetensors``),
+checked on every load. An entry has either a ``path`` (shipped in the package) or a ``url`` (a
+``.zip`` of a model directory, downloaded on request by :func:`download_model`). A downloaded model
+counts as installed only while its weights' SHA-256 matches the manifest. The cache location is
 ``$TEXTGUIDEDSEG_HOME/models`` when that variable is set, else ``~/.cache/textguidedseg/models``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import http.client
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,17 +36,29 @@ logger = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 MANIFEST = PACKAGE_DIR / "Models.json"
 DEFAULT_MODEL = "tmc-qata-cpu"
+DOWNLOAD_CHUNK_SIZE = 1 << 20
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+class DownloadCancelled(RuntimeError):
+    """Raised when a download's ``cancel`` event is set; nothing is left in the cache."""
 
 
 @dataclass
 class ModelEntry:
+    """A model :func:`list_models` knows. ``path`` is None for a manifest model not downloaded (yet)."""
+
     name: str
     path: Path | None
-    source: str  # "shipped", "cache", "manifest"
+    source: str  # "shipped", "manifest" (downloadable), "cache" (imported), "path"
     model_type: str = ""
     sha256: str | None = None
     description: str = ""
     licence: str = ""
+    version: str = ""
+    url: str | None = None
+    size: int | None = None
+    archive: str = ""
 
 
 def cache_dir() -> Path:
@@ -46,22 +68,55 @@ def cache_dir() -> Path:
 
 
 def manifest_entries() -> list[ModelEntry]:
+    """The manifest as written: ``url`` entries have ``path`` None (see :func:`list_models`)."""
     if not MANIFEST.is_file():
         return []
     entries = []
     for item in json.loads(MANIFEST.read_text(encoding="utf-8"))["models"]:
         path = PACKAGE_DIR / item["path"] if item.get("path") else None
         entries.append(ModelEntry(item["name"], path, "shipped" if path else "manifest", item.get("model_type", ""),
-                                  item.get("sha256"), item.get("description", ""), item.get("licence", "")))
+                                  item.get("sha256"), item.get("description", ""), item.get("licence", ""),
+                                  version=item.get("version", ""), url=item.get("url"), size=item.get("size"),
+                                  archive=item.get("archive", "")))
     return entries
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _weights_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered per (path, mtime, size): list_models() runs often."""
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_of(path)
+    return _HASHES[key]
+
+
+def installed_copy(entry: ModelEntry) -> Path | None:
+    """``cache_dir()/<name>`` when it holds weights of the manifest's size and SHA-256, else None."""
+    weights = cache_dir() / entry.name / WEIGHTS_NAME
+    if not weights.is_file() or not entry.sha256:
+        return None
+    if entry.size is not None and weights.stat().st_size != entry.size:
+        return None
+    return weights.parent if _weights_sha256(weights) == entry.sha256.lower() else None
+
+
 def list_models() -> list[ModelEntry]:
-    """Shipped models (manifest) first, then every valid model directory in the user cache."""
-    entries = [e for e in manifest_entries() if e.path is None or e.path.is_dir()]
+    """Manifest models first (shipped, then downloadable: ``path`` None until downloaded), then every
+    other valid model directory in the user cache (imported)."""
+    entries = []
+    for e in manifest_entries():
+        if e.url:
+            entries.append(dataclasses.replace(e, path=installed_copy(e)))
+        elif e.path is not None and e.path.is_dir():
+            entries.append(e)
+    downloadable = {e.name for e in entries if e.url}
     root = cache_dir()
     if root.is_dir():
-        for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                        and p.name not in downloadable):
             try:
                 cfg = read_config(d)
             except CheckpointError:
@@ -80,7 +135,9 @@ def resolve_model(name_or_path: str | None) -> ModelEntry:
     for entry in list_models():
         if entry.name == name_or_path:
             if entry.path is None:
-                raise CheckpointError(f"model {entry.name!r} is listed in the manifest but not installed")
+                raise CheckpointError(f"model {entry.name!r} is listed in the manifest but not downloaded (or its "
+                                      f"copy does not match the manifest's SHA-256): download it with "
+                                      f"'textguidedseg models download {entry.name}'")
             return entry
     known = ", ".join(e.name for e in list_models()) or "none"
     raise CheckpointError(f"model {name_or_path!r} not found: not a directory and not an installed model "
@@ -100,8 +157,27 @@ def load_model(name_or_path: str | None = None, device: str | torch.device = "cp
     return _LOADED[key]
 
 
-def import_model(source: str | Path, name: str | None = None, overwrite: bool = False) -> Path:
-    """Copy a model directory or ``.zip`` into the user cache after checking that it loads."""
+def _check_weights(weights: Path, size: int | None, sha256: str | None, what: str) -> None:
+    if not weights.is_file():
+        raise CheckpointError(f"{what}: no {WEIGHTS_NAME}")
+    actual_size = weights.stat().st_size
+    if size is not None and actual_size != size:
+        raise CheckpointError(f"{what}: {WEIGHTS_NAME} is {actual_size} bytes, the manifest expects {size}; "
+                              "the file is corrupt or not the published one")
+    if sha256 is not None:
+        actual = sha256_of(weights)
+        if actual != sha256.lower():
+            raise CheckpointError(f"{what}: {WEIGHTS_NAME} has SHA-256 {actual}, the manifest expects {sha256}; "
+                                  "the file is corrupt or not the published one")
+
+
+def import_model(source: str | Path, name: str | None = None, overwrite: bool = False, *,
+                 sha256: str | None = None, size: int | None = None) -> Path:
+    """Copy a model directory or ``.zip`` into the user cache after checking that it loads.
+
+    ``sha256`` / ``size``: what the weights must be (from the manifest); checked before anything is
+    moved into the cache.
+    """
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist (give a model directory or a .zip of one)")
@@ -131,6 +207,7 @@ def import_model(source: str | Path, name: str | None = None, overwrite: bool = 
             staged = candidates[0]
         else:
             shutil.copytree(source, staged)
+        _check_weights(staged / WEIGHTS_NAME, size, sha256, source.name)
         load_pretrained(staged)  # refuses pickle, unknown models, wrong tensors
         target = root / (name or (source.stem if source.is_file() else source.name))
         if target.exists():
@@ -143,10 +220,81 @@ def import_model(source: str | Path, name: str | None = None, overwrite: bool = 
     return target
 
 
+def download_model(name: str, *, progress: Callable[[int, int], None] | None = None,
+                   cancel: threading.Event | None = None, chunk_size: int = DOWNLOAD_CHUNK_SIZE,
+                   timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Download a manifest model (an entry with a ``url``) into ``cache_dir()/<name>``; returns that folder.
+
+    The archive is streamed to a temporary folder inside the cache, ``progress(bytes_done, bytes_total)``
+    is called after each chunk (``bytes_total`` is 0 when the server does not say), and ``cancel``
+    (a ``threading.Event``) is checked before each chunk: when set, :class:`DownloadCancelled` is
+    raised (a stalled connection is noticed after ``timeout`` seconds). The archive is then installed like :func:`import_model` (unpacked, weights' size and
+    SHA-256 checked against the manifest, loaded once) and moved into place; on any failure nothing
+    is left in the cache. A copy that already matches the manifest is returned as is.
+    """
+    entries = manifest_entries()
+    entry = next((e for e in entries if e.name == name), None)
+    if entry is None or entry.url is None:
+        if entry is not None and entry.path is not None:  # shipped: nothing to download
+            return entry.path
+        known = ", ".join(e.name for e in entries if e.url) or "none"
+        raise CheckpointError(f"model {name!r} is not a downloadable model of the manifest {MANIFEST} "
+                              f"(downloadable: {known})")
+    installed = installed_copy(entry)
+    if installed is not None:
+        return installed
+    scheme = urllib.parse.urlsplit(entry.url).scheme
+    if scheme not in ("https", "http", "file"):
+        raise CheckpointError(f"model {name!r}: unsupported URL scheme {scheme!r} in {entry.url}")
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+        if entry.archive == "dir":  # a model directory on a (file://) share: copied, no streaming
+            if scheme != "file":
+                raise CheckpointError(f"model {name!r}: archive 'dir' needs a file:// URL, not {entry.url}")
+            source = Path(urllib.request.url2pathname(urllib.parse.urlsplit(entry.url).path))
+        else:
+            source = Path(tmp) / f"{name}.zip"
+            _fetch(entry.url, source, progress, cancel, chunk_size, timeout)
+        try:
+            target = import_model(source, name=name, overwrite=True, sha256=entry.sha256, size=entry.size)
+        except CheckpointError as exc:
+            raise CheckpointError(f"model {name!r} from {entry.url}: {exc}") from None
+    logger.info("downloaded %s from %s", name, entry.url)
+    return target
+
+
+def _fetch(url: str, destination: Path, progress: Callable[[int, int], None] | None,
+           cancel: threading.Event | None, chunk_size: int, timeout: float) -> None:
+    """Stream ``url`` to ``destination`` in chunks (the caller removes it on failure)."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(destination, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while True:
+                if cancel is not None and cancel.is_set():
+                    raise DownloadCancelled(f"download of {url} cancelled; nothing was installed")
+                chunk = response.read(chunk_size)
+                if not chunk:
+                    break
+                out.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+        plain = isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError)
+        raise CheckpointError(f"could not download {url}: {exc.reason if plain else exc}") from None
+    if total and done != total:
+        raise CheckpointError(f"could not download {url}: got {done} of {total} bytes")
+
+
 def describe(entry: ModelEntry) -> dict:
     payload = read_config(entry.path)
     weights = entry.path / WEIGHTS_NAME
     return {"name": entry.name, "source": entry.source, "path": str(entry.path), "model_type": payload["model_type"],
             "size_mb": round(weights.stat().st_size / 1e6, 2) if weights.is_file() else None,
             "sha256": sha256_of(weights) if weights.is_file() else None,
+            "version": entry.version or None, "url": entry.url,
             "metadata": payload.get("metadata", {}), "config": payload["config"]}
