@@ -30,7 +30,7 @@ import vtk  # noqa: E402  (slicer-core brings vtk)
 from conftest import make_tiny_tmc_config  # noqa: E402
 from TextGuidedSegLib.checkpoint import save_pretrained  # noqa: E402
 from TextGuidedSegLib.engine import SegmentationCancelled, segment_volume  # noqa: E402
-from TextGuidedSegLib.io import read_segmentation, read_volume, sample_path  # noqa: E402
+from TextGuidedSegLib.io import read_segmentation, read_volume, sample_path, write_volume  # noqa: E402
 from TextGuidedSegLib.model_store import load_model  # noqa: E402
 from TextGuidedSegLib.models import build_model  # noqa: E402
 from TextGuidedSegLib.terminology import style_for  # noqa: E402
@@ -414,6 +414,31 @@ def test_batch_script_writes_seg_nrrd(tmp_path, brain1, tiny_model_dir, referenc
         assert spec.prompt == prompt
         np.testing.assert_array_equal(spec.mask, result.labels != 0)
     assert "Infectious disease" in (segments[0].terminology or "")
+
+
+def test_batch_script_segments_a_directory(tmp_path, tiny_model_dir):
+    """A folder of volumes -> one .seg.nrrd per volume, each on its own volume's grid."""
+    import slicerio
+
+    src = tmp_path / "in"
+    src.mkdir()
+    brain = read_volume(sample_path("brain1_image.nrrd"))
+    # a second, differently shaped and oriented volume: 6 slices, i axis flipped
+    flipped = brain.ijk_to_ras @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    flipped[:3, 3] = brain.ijk_to_ras[:3, :3] @ np.array([255.0, 0.0, 0.0]) + brain.ijk_to_ras[:3, 3]
+    write_volume(src / "a.nrrd", brain.array, brain.ijk_to_ras)
+    write_volume(src / "b.nii.gz", brain.array[:6, :, ::-1].copy(), flipped)
+    out = tmp_path / "out"
+    proc = _batch("--input", str(src), "--prompt", "brain tumor", "--output", str(out),
+                  "--model", str(tiny_model_dir), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.seg.nrrd", "b.seg.nrrd"]
+    for name, shape in (("a", brain.array.shape), ("b", (6,) + brain.array.shape[1:])):
+        seg = slicerio.read_segmentation(str(out / f"{name}.seg.nrrd"))
+        assert [s["name"] for s in seg["segments"]] == ["brain tumor"]
+        segments, ijk_to_ras = read_segmentation(out / f"{name}.seg.nrrd")
+        assert segments[0].mask.shape == shape
+        np.testing.assert_allclose(ijk_to_ras, (brain.ijk_to_ras if name == "a" else flipped), atol=1e-5)
 
 
 def test_batch_script_missing_input(tmp_path):
