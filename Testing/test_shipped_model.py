@@ -16,6 +16,20 @@ from TextGuidedSegLib.model_store import DEFAULT_MODEL, MANIFEST, list_models, l
 SAMPLES = ["cxr_s11234-e19977-r1", "cxr_s11242-e20020-r1", "cxr_s11247-e20029-r1"]
 
 
+@pytest.mark.parametrize("name", ["tmc-qata-cpu", "tmc-kvasir-cpu"])
+def test_every_shipped_model_matches_its_manifest_entry(name):
+    entries = {e["name"]: e for e in json.loads(MANIFEST.read_text(encoding="utf-8"))["models"]}
+    entry = resolve_model(name)
+    weights = entry.path / WEIGHTS_NAME
+    assert entry.source == "shipped"
+    assert sha256_of(weights) == entries[name]["sha256"]
+    assert weights.stat().st_size == entries[name]["size"] <= 25 * 2**20
+    model = load_model(name)
+    assert model.config.model_type == "tmc" and model.config.laterality == "image"
+    card = (entry.path / "README.md").read_text(encoding="utf-8")
+    assert "Dice, global" in card and "Dice, per-image" in card and "Training command" in card
+
+
 def test_manifest_lists_default_with_matching_sha256():
     entries = {e["name"]: e for e in json.loads(MANIFEST.read_text(encoding="utf-8"))["models"]}
     assert DEFAULT_MODEL in entries
