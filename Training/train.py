@@ -331,7 +331,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="train nothing: export <output_dir>/best as a scored model directory again")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "0")
 
     cfg = load_config(args.config, args.set)
     cfg["config_path"] = args.config
