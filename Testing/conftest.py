@@ -71,3 +71,16 @@ def minilm():
     from TextGuidedSegLib.text import TextEncoder, TextEncoderConfig
 
     return TextEncoder(TextEncoderConfig(max_length=16))
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``textguidedseg`` in-process: ``rc, stdout, stderr = cli("predict", ...)``."""
+    from TextGuidedSegLib.cli import main
+
+    def run(*args):
+        rc = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    return run

@@ -17,7 +17,6 @@ from PIL import Image
 from test_engine import save_tiny_model
 from TextGuidedSegLib import io
 from TextGuidedSegLib.checkpoint import WEIGHTS_NAME, sha256_of
-from TextGuidedSegLib.cli import main
 from TextGuidedSegLib.engine import segment_volume
 from TextGuidedSegLib.model_store import load_model
 from TextGuidedSegLib.terminology import short_name, style_for
@@ -30,16 +29,6 @@ PROMPTS = ["bilateral pulmonary infection, two infected areas, lower left lung",
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("cli") / "tiny_cli")
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args):
-        rc = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return rc, captured.out, captured.err
-
-    return run
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import pytest
 from test_engine import save_tiny_model
 from TextGuidedSegLib import model_store
 from TextGuidedSegLib.checkpoint import WEIGHTS_NAME, CheckpointError, sha256_of
-from TextGuidedSegLib.cli import main
 from TextGuidedSegLib.model_store import (DownloadCancelled, download_model, list_models, load_model,
                                           resolve_model)
 
@@ -232,15 +231,6 @@ def test_file_url_and_dir_archive(tmp_path, monkeypatch, served, home):
 
 
 # ------------------------------------------------------------------ CLI
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args):
-        rc = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return rc, captured.out, captured.err
-    return run
 
 
 def test_cli_download_and_list(tmp_path, monkeypatch, served, home, cli):

@@ -50,7 +50,9 @@ from TextGuidedSegLib.checkpoint import save_pretrained  # noqa: E402
 from TextGuidedSegLib.data import read_dataset  # noqa: E402
 from TextGuidedSegLib.data.dataset import PreloadedDataset, collate  # noqa: E402
 from TextGuidedSegLib.data.transforms import AugmentConfig, build_train_transforms, seed_transforms  # noqa: E402
+from TextGuidedSegLib.metrics import SegmentationScores  # noqa: E402
 from TextGuidedSegLib.models import build_model, config_from_dict  # noqa: E402
+from TextGuidedSegLib.preprocessing import resize_probabilities  # noqa: E402
 from TextGuidedSegLib.text import TextEncoder, TextFeatures, swap_left_right  # noqa: E402
 
 logger = logging.getLogger("train")
@@ -207,8 +209,7 @@ def validate(model: torch.nn.Module, dataset: PreloadedDataset, text_for: Any, b
              device: torch.device, amp: bool) -> dict[str, float]:
     """Both Dice conventions at the masks' native size (probabilities resized linearly, threshold 0.5)."""
     model.eval()
-    inter_sum = pred_sum = gt_sum = 0
-    dices = []
+    scores = SegmentationScores()
     for start in range(0, len(dataset), batch_size):
         idx = list(range(start, min(len(dataset), start + batch_size)))
         images = dataset.images[idx].float().to(device)
@@ -217,13 +218,12 @@ def validate(model: torch.nn.Module, dataset: PreloadedDataset, text_for: Any, b
             logits = model(images, text_for(texts))["logits"]
         probs = torch.sigmoid(logits.float())
         for j, i in enumerate(idx):
-            gt = torch.from_numpy(dataset.native_masks[i]).to(device)
-            p = F.interpolate(probs[j:j + 1], size=gt.shape, mode="bilinear", align_corners=False)[0, 0] >= 0.5
-            inter, ps, gs = int((p & gt).sum()), int(p.sum()), int(gt.sum())
-            inter_sum, pred_sum, gt_sum = inter_sum + inter, pred_sum + ps, gt_sum + gs
-            dices.append(1.0 if ps + gs == 0 else 2 * inter / (ps + gs))
+            truth = dataset.native_masks[i]
+            pred = resize_probabilities(probs[j:j + 1], truth.shape)[0, 0] >= 0.5
+            scores.add(dataset.cases[i].case_id, pred.cpu().numpy(), truth)
     model.train()
-    return {"dice_global": 2 * inter_sum / max(1, pred_sum + gt_sum), "dice_per_image": float(np.mean(dices))}
+    summary = scores.summary()
+    return {"dice_global": summary["dice_global"], "dice_per_image": summary["dice_per_image"]}
 
 
 def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
