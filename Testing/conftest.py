@@ -1,4 +1,4 @@
-"""Shared fixtures: the data bundle, a tiny TMC config factory and the offline MiniLM encoder.
+"""Shared fixtures: the data bundle, tiny TMC / SSA config factories and the offline MiniLM encoder.
 
 Everything here is sized for a 2-core CPU: 64 px images, a few channels, a handful of cases.
 """
@@ -57,6 +57,17 @@ def make_tiny_tmc_config(**overrides):
                   text=TextEncoderConfig(max_length=16, dim=MINILM_DIM))
     kwargs.update(overrides)
     return TMCConfig(**kwargs)
+
+
+def make_tiny_ssa_config(**overrides):
+    """An SSA small enough for a sub-second forward + backward on one core (64 px, 4-8 channels)."""
+    from TextGuidedSegLib.models.ssa import SSAConfig
+    from TextGuidedSegLib.text import TextEncoderConfig
+
+    kwargs = dict(image_size=64, encoder_channels=(4, 4, 8, 8, 8), decoder_channels=(8, 8, 4, 4), dim=8,
+                  ot_iterations=20, text=TextEncoderConfig(max_length=16, dim=MINILM_DIM))
+    kwargs.update(overrides)
+    return SSAConfig(**kwargs)
 
 
 @pytest.fixture

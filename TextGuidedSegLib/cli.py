@@ -176,6 +176,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"  IoU global / per-image:      {summary['iou_global']:.4f} / {summary['iou_per_image']:.4f}")
     print(f"  HD95 / ASD (pixels, {summary['distance_cases']} cases): {summary['hd95_mean']:.2f} / "
           f"{summary['asd_mean']:.2f}")
+    if "laterality_error_rate" in summary:
+        print(f"  laterality error rate ({summary['laterality_cases']} one-sided cases, >10 % mass on the "
+              f"other side): {summary['laterality_error_rate']:.4f}")
     print(f"  slices/s: {summary['slices_per_second']:.1f}")
     return 0
 

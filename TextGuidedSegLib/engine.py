@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
+from .models import encode_prompts
 from .orientation import SliceLayout, needs_left_right_swap, slice_layout
 from .preprocessing import normalize_intensity, resize_images, resize_probabilities
 from .text import TextFeatures, clean_prompt, swap_left_right
@@ -97,7 +98,7 @@ def auto_batch_size(model: LoadedModel, device: torch.device) -> int:
 def _probe_text(model: LoadedModel, device: torch.device, n: int) -> TextFeatures | None:
     if not getattr(model.model, "requires_text", True):
         return None
-    return model.text_encoder.encode(["probe"]).to(device).index([0] * n)
+    return encode_prompts(model.model, model.text_encoder, ["probe"]).to(device).index([0] * n)
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -171,6 +172,9 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
     normalised = normalize_intensity(arr, cfg.intensity)
     slices = layout.to_slices(normalised)
     n, rows, cols = slices.shape
+    # A single slice is a picture (a chest X-ray, an endoscopy frame): its rows read top to bottom
+    # like a coronal view, whatever plane its (usually missing) geometry names.
+    plane = "coronal" if n == 1 else layout.plane
     bs = auto_batch_size(model, dev) if batch_size == "auto" else int(batch_size)
     if bs < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -186,7 +190,7 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
         model_prompt = swap_left_right(prompt) if (prompt and swap) else prompt
         text = None
         if model_prompt is not None:
-            text = model.text_encoder.encode([model_prompt]).to(dev)
+            text = encode_prompts(net, model.text_encoder, [model_prompt], plane=plane).to(dev)
         prob = np.empty((n, rows, cols), dtype=np.float32)
         for s0 in range(0, n, bs):
             if cancel is not None and cancel.is_set():

@@ -20,7 +20,9 @@ from PIL import Image
 from .checkpoint import LoadedModel
 from .data import SegmentationCase, read_grey, read_mask
 from .engine import segment_volume
+from .guidance import side_columns
 from .metrics import SegmentationScores
+from .text.hybrid import parse_report
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,8 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[SegmentationCase], *, sav
                    per_case_csv: str | Path | None = None, distances: bool = True, device: str | None = None,
                    threshold: float = 0.5, progress: Callable[[int, int], None] | None = None,
                    cancel: threading.Event | None = None) -> dict[str, float]:
-    """Both Dice conventions, IoU, HD95, ASD (pixels) and slices/s over ``cases``."""
+    """Both Dice conventions, IoU, HD95, ASD (pixels), slices/s over ``cases``, and the laterality
+    error rate over the cases whose text names one side only (see :mod:`TextGuidedSegLib.metrics`)."""
     if not cases:
         raise ValueError("no cases to evaluate")
     pred_dir = Path(save_predictions) if save_predictions else None
@@ -53,9 +56,11 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[SegmentationCase], *, sav
         pred = result.labels[0].astype(bool)
         if pred.shape != truth.shape:
             raise ValueError(f"case {case.case_id}: image {pred.shape} and mask {truth.shape} differ in size")
-        score = scores.add(case.case_id, pred, truth, distances=distances)
+        side = parse_report(case.text).unilateral_side if case.text else None
+        named_column = side_columns(case.laterality)[side] if side else None
+        score = scores.add(case.case_id, pred, truth, distances=distances, named_column=named_column)
         rows.append({"case_id": case.case_id, "dice": score.dice, "iou": score.iou, "hd95": score.hd95,
-                     "asd": score.asd, "pred_pixels": score.pred_size, "true_pixels": score.target_size,
+                     "asd": score.asd, "wrong_side": score.wrong_side, "pred_pixels": score.pred_size, "true_pixels": score.target_size,
                      "text": case.text})
         if pred_dir is not None:
             Image.fromarray((pred * 255).astype(np.uint8)).save(pred_dir / f"{case.case_id}.png")

@@ -8,6 +8,10 @@ Empty masks: when prediction and ground truth are both empty an image's Dice and
 correct "nothing here"); when exactly one is empty they are 0. HD95 and ASD are undefined when
 either mask is empty: such images get NaN and are left out of the mean, and the count of images
 that had a defined distance is reported beside it.
+
+Laterality error rate: over the cases whose report names one side only, the fraction whose
+prediction puts more than 10 % of its mass on the other half of the image (the dataset's own
+left/right convention; an empty prediction is not a laterality error).
 """
 
 from __future__ import annotations
@@ -48,6 +52,26 @@ def surface_distances(pred: np.ndarray, target: np.ndarray, spacing: tuple[float
     return float(hd95.item()), float(asd.item())
 
 
+def wrong_side_fraction(pred: np.ndarray, named_column: int) -> float:
+    """Fraction of the predicted mask on the half a one-sided report does *not* name.
+
+    ``named_column`` is the image half the report names (0 = left columns, 1 = right), split at
+    the middle column (an odd middle column counts half to each side). 0 for an empty prediction.
+    """
+    p = np.asarray(pred, dtype=float)
+    total = p.sum()
+    if total == 0:
+        return 0.0
+    w = p.shape[-1]
+    per_col = p.reshape(-1, w).sum(0)
+    left = per_col[: w // 2].sum() + (0.5 * per_col[w // 2] if w % 2 else 0.0)
+    wrong = total - left if named_column == 0 else left
+    return float(wrong / total)
+
+
+LATERALITY_ERROR_FRACTION = 0.10  # a one-sided case is a laterality error above 10 % wrong-side mass
+
+
 @dataclass
 class CaseScore:
     case_id: str
@@ -58,6 +82,7 @@ class CaseScore:
     target_size: int
     hd95: float = float("nan")
     asd: float = float("nan")
+    wrong_side: float | None = None  # wrong-side mass fraction, for one-sided reports only
 
 
 @dataclass
@@ -67,9 +92,12 @@ class SegmentationScores:
     cases: list[CaseScore] = field(default_factory=list)
 
     def add(self, case_id: str, pred: np.ndarray, target: np.ndarray, *, distances: bool = False,
-            spacing: tuple[float, ...] | None = None) -> CaseScore:
+            spacing: tuple[float, ...] | None = None, named_column: int | None = None) -> CaseScore:
+        """Score one case; ``named_column`` (0 / 1) is the image half a one-sided report names."""
         dice, iou, inter, ps, gs = dice_iou(pred, target)
         score = CaseScore(case_id, dice, iou, inter, ps, gs)
+        if named_column is not None:
+            score.wrong_side = wrong_side_fraction(pred, named_column)
         if distances:
             score.hd95, score.asd = surface_distances(pred, target, spacing)
         self.cases.append(score)
@@ -84,6 +112,11 @@ class SegmentationScores:
         hd = np.array([c.hd95 for c in self.cases], dtype=float)
         asd = np.array([c.asd for c in self.cases], dtype=float)
         defined = ~np.isnan(hd)
+        sided = [c.wrong_side for c in self.cases if c.wrong_side is not None]
+        laterality = {}
+        if sided:
+            laterality = {"laterality_cases": len(sided),
+                          "laterality_error_rate": float(np.mean([w > LATERALITY_ERROR_FRACTION for w in sided]))}
         return {
             "cases": len(self.cases),
             "dice_per_image": float(np.mean([c.dice for c in self.cases])),
@@ -93,4 +126,5 @@ class SegmentationScores:
             "hd95_mean": float(hd[defined].mean()) if defined.any() else float("nan"),
             "asd_mean": float(asd[defined].mean()) if defined.any() else float("nan"),
             "distance_cases": int(defined.sum()),
+            **laterality,
         }

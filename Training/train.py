@@ -50,7 +50,7 @@ from TextGuidedSegLib.data import read_dataset  # noqa: E402
 from TextGuidedSegLib.data.dataset import PreloadedDataset, collate  # noqa: E402
 from TextGuidedSegLib.data.transforms import AugmentConfig, build_train_transforms, seed_transforms  # noqa: E402
 from TextGuidedSegLib.metrics import SegmentationScores  # noqa: E402
-from TextGuidedSegLib.models import build_model, config_from_dict  # noqa: E402
+from TextGuidedSegLib.models import build_model, config_from_dict, encode_prompts  # noqa: E402
 from TextGuidedSegLib.preprocessing import resize_probabilities  # noqa: E402
 from TextGuidedSegLib.text import TextEncoder, TextFeatures, swap_left_right  # noqa: E402
 
@@ -363,7 +363,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_ds = PreloadedDataset(val_cases, model_cfg.image_size, model_cfg.intensity, model_cfg.in_channels,
                               keep_native_masks=True) if rank == 0 else None
 
-    if model_cfg.text.uses_cache:
+    if getattr(model, "encode_text", None) is not None:
+        # the model reads more than TextFeatures (e.g. SSA's parsed expressions); it caches frozen
+        # encoders' vectors per string itself
+        def text_for(batch_texts: list[str]) -> Any:
+            return encode_prompts(model, text_encoder, batch_texts).to(device)
+    elif model_cfg.text.uses_cache:
         texts = [c.text for c in train_cases + val_cases]
         if aug.flip_prob > 0:
             texts += [swap_left_right(x) for x in texts]

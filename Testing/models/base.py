@@ -13,8 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-from TextGuidedSegLib.models import available_models, build_model, config_from_dict
-from TextGuidedSegLib.text import TextFeatures
+from TextGuidedSegLib.models import available_models, build_model, config_from_dict, encode_prompts
 
 
 class BaseModelTester:
@@ -45,9 +44,11 @@ class BaseModelTester:
         return build_model(config)
 
     @pytest.fixture
-    def text(self, minilm) -> TextFeatures:
-        return minilm.encode(["bilateral pulmonary infection, all left lung and all right lung.",
-                              "unilateral pulmonary infection, one infected area, lower right lung."][: self.batch_size])
+    def text(self, model, minilm):
+        """What the model reads (through the same ``encode_prompts`` as training and the engine)."""
+        return encode_prompts(model, minilm, [
+            "bilateral pulmonary infection, all left lung and all right lung.",
+            "unilateral pulmonary infection, one infected area, lower right lung."][: self.batch_size])
 
     def image(self, config, seed: int = 0) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -118,8 +119,9 @@ class BaseModelTester:
         model.eval()
         x = self.image(config)[:1]
         with torch.no_grad():
-            a = model(x, minilm.encode(["upper left lung"]))["logits"]
-            b = model(x, minilm.encode(["colon polyp, round and yellow, in the right of the image"]))["logits"]
+            a = model(x, encode_prompts(model, minilm, ["upper left lung"]))["logits"]
+            b = model(x, encode_prompts(model, minilm, ["colon polyp, round and yellow, in the right of the image"]))[
+                "logits"]
         assert (a - b).abs().max() > 1e-6, "the prompt does not influence the prediction"
 
     def test_missing_text_raises(self, config, model):

@@ -1,7 +1,8 @@
 """Models: one file per model, a config dataclass each, built through the registry."""
 
 from .config import IntensityConfig, ModelConfig
-from .registry import available_models, build_model, config_from_dict, register
-from . import tmc  # noqa: F401  (registers "tmc")
+from .registry import available_models, build_model, config_from_dict, encode_prompts, register
+from . import ssa, tmc  # noqa: F401  (register "ssa", "tmc")
 
-__all__ = ["IntensityConfig", "ModelConfig", "available_models", "build_model", "config_from_dict", "register"]
+__all__ = ["IntensityConfig", "ModelConfig", "available_models", "build_model", "config_from_dict", "encode_prompts",
+           "register"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -52,3 +52,17 @@ def build_model(config: ModelConfig | dict[str, Any]) -> nn.Module:
     if not isinstance(config, config_class):
         raise TypeError(f"model {config.model_type!r} needs a {config_class.__name__}, got {type(config).__name__}")
     return model_class(config)
+
+
+def encode_prompts(model: nn.Module, encoder: Any, prompts: Sequence[str], plane: str = "coronal") -> Any:
+    """The text input ``model`` reads for ``prompts``: what its ``forward(image, text)`` takes.
+
+    Most models read :class:`TextFeatures` straight from the encoder; a model that needs more
+    (SSA parses expressions and draws a guidance grid, which depends on the slice's ``plane``)
+    defines ``encode_text(encoder, prompts, plane)``. Training, validation and the engine all
+    come through here, so a model's text path is the same everywhere.
+    """
+    custom = getattr(model, "encode_text", None)
+    if custom is not None:
+        return custom(encoder, list(prompts), plane=plane)
+    return encoder.encode(list(prompts))
