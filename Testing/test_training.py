@@ -156,3 +156,47 @@ def test_ddp_two_processes_on_cpu(shared_data, tmp_path):
     meta = loaded.metadata
     assert "x 2 process(es)" in meta["training"]["hardware"]
     assert {"dice_global", "dice_per_image"} <= set(meta["validation"])
+
+
+# ----------------------------------------------------------------------------- every config, SSA
+@pytest.mark.parametrize("path", sorted((REPO / "Training" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_builds_its_model(path, train_module):
+    """A typo in a config (unknown field, bad size) fails here, not an hour into a GPU job."""
+    from TextGuidedSegLib.models import build_model, config_from_dict
+
+    cfg = train_module.load_config(path, [])
+    assert cfg["output_dir"].startswith("runs/") and cfg["name"] == path.stem
+    notes = (cfg.get("export") or {}).get("notes")
+    assert notes is None or (REPO / notes).is_file(), f"export.notes {notes} does not exist"
+    model_cfg = config_from_dict(cfg["model"])
+    assert model_cfg.laterality == "image"  # both datasets' text speaks of the image's sides (measured)
+    if path.stem.endswith("_cpu"):
+        model = build_model(model_cfg)
+        n_params = sum(p.numel() for p in model.parameters())
+        assert n_params * 4 < 25 * 2**20, "a CPU config must export under 25 MB"
+
+
+def tiny_ssa_config(shared_data: Path, output_dir: Path, **train) -> dict:
+    cfg = tiny_config(shared_data, output_dir, **train)
+    cfg["name"] = "tiny_ssa_test"
+    cfg["model"] = {
+        "model_type": "ssa", "image_size": 64, "in_channels": 1, "laterality": "image",
+        "text": {"name_or_path": "packaged:all-MiniLM-L6-v2", "max_length": 16, "pooling": "mean"},
+        "encoder_channels": [4, 4, 8, 8, 8], "decoder_channels": [8, 8, 4, 4], "dim": 8, "ot_iterations": 10,
+    }
+    return cfg
+
+
+def test_ssa_trains_and_exports(shared_data, tmp_path, train_module):
+    cfg = write_config(tmp_path / "ssa.yaml", tiny_ssa_config(shared_data, tmp_path / "out"))
+    result = train_module.main(["--config", str(cfg)])
+    log = read_log(tmp_path / "out")
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    for r in log:
+        parts = r["train_bce"] + r["train_dice"] + r["train_align"] + r["train_guidance"]
+        assert r["train_loss"] == pytest.approx(parts, rel=1e-5)  # + alignment + outside-the-guidance loss
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    loaded = load_pretrained(result["model_dir"])
+    assert loaded.config.model_type == "ssa" and loaded.config.ot == "symmetric" and loaded.config.guidance
+    val = json.loads((Path(result["model_dir"]) / "config.json").read_text(encoding="utf-8"))["metadata"]["validation"]
+    assert "laterality_error_rate" in val and val["laterality_cases"] > 0

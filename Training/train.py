@@ -243,6 +243,9 @@ def model_card(cfg: dict[str, Any], best: dict[str, Any], engine: dict[str, Any]
                 f"| {val} Dice, per-image mean, `textguidedseg evaluate` | **{engine['dice_per_image']:.4f}** |\n"
                 f"| {val} IoU, global / per-image | {engine['iou_global']:.4f} / {engine['iou_per_image']:.4f} |\n"
                 f"| {val} cases scored | {engine['cases']} |\n")
+        if "laterality_error_rate" in engine:
+            rows += (f"| {val} laterality error rate ({engine['laterality_cases']} one-sided reports, > 10 % of the "
+                     f"predicted mass on the other side) | {engine['laterality_error_rate']:.4f} |\n")
     return f"""# {cfg.get('name', m['model_type'])}
 
 Model `{m['model_type']}` trained with TextGuidedSeg {__version__}. Research use only, not for clinical use.
@@ -303,13 +306,16 @@ def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg
     n_params = sum(p.numel() for p in best_model.parameters())
     card = model_card(cfg, state["best"], engine, command, state["wall_s"], hardware, n_params)
     export = cfg.get("export", {}) or {}
+    if export.get("notes"):  # hand-written design notes / ablations, kept in git beside the configs
+        card += "\n" + (REPO / export["notes"]).read_text(encoding="utf-8")
     export_dir = Path(export.get("dir", out / "model"))
     data = cfg["data"]
     validation = {"dataset": data["kind"], "split": data.get("val_split", "val"), "epoch": state["best"]["epoch"],
                   "training_loop": {k: state["best"][k] for k in ("dice_global", "dice_per_image")}}
     if engine is not None:
         validation.update({k: engine[k] for k in ("dice_global", "dice_per_image", "iou_global", "iou_per_image",
-                                                  "cases")})
+                                                  "cases", "laterality_error_rate", "laterality_cases")
+                           if k in engine})
     meta = {"name": cfg.get("name", model_cfg.model_type), "validation": validation,
             "training": {"command": command, "wall_minutes": round(state["wall_s"] / 60, 1), "hardware": hardware,
                          "date": dt.date.today().isoformat(), "train_cases": n_train, "val_cases": len(val_cases)}}

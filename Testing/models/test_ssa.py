@@ -217,3 +217,17 @@ def test_cli_predict_on_shipped_sample(cli, tiny_ssa_dir, tmp_path):
     [segment] = segments
     assert segment.prompt == "infection in the left lower lung"
     assert segment.mask.shape == (1, 224, 224) and 0 < segment.mask.sum() < segment.mask.size
+
+
+def test_fine_tuned_text_encoder_gets_gradients():
+    """The paper config fine-tunes the text encoder: the expression vectors must stay in the graph."""
+    from TextGuidedSegLib.text import TextEncoder, TextEncoderConfig
+
+    encoder = TextEncoder(TextEncoderConfig(max_length=16, trainable=True))
+    model = build_model(make_tiny_ssa_config()).train()
+    text = encode_prompts(model, encoder, ["infection, lower left lung", "polyp"])
+    assert text.expressions.requires_grad
+    out = model(torch.rand(2, 1, 64, 64), text)
+    (out["logits"].mean() + sum(out["losses"].values())).backward()
+    grads = [p.grad for p in encoder.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
