@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_tiny_ssa_config
 from TextGuidedSegLib import io
+from TextGuidedSegLib.checkpoint import LoadedModel
+from TextGuidedSegLib.engine import segment_volume
 from TextGuidedSegLib.evaluation import IMAGE_IJK_TO_RAS
 from TextGuidedSegLib.guidance import guidance_cells, guidance_volume, render_guidance, side_columns
+from TextGuidedSegLib.models import build_model
 
 H = W = 224
 
@@ -173,3 +177,40 @@ def test_atlas_left_and_right_structures(aal, axis):
             # every structure of the named hemisphere; of the other only what touches the midline band
             assert g[np.isin(array, named_all)].mean() == 1.0, (label, prompt)
             assert g[np.isin(array, other_all)].mean() < 0.25, (label, prompt)
+
+
+# ----------------------------------------------------------------------------- the engine's own path
+@pytest.mark.parametrize("name, direction", [
+    ("LPS", np.diag([-1.0, -1.0, 1.0])), ("RAS", np.eye(3)), ("oblique", _rot_s(20.0)),
+    ("permuted", np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])),
+])
+def test_engine_shows_ssa_the_same_guidance(name, direction, minilm, monkeypatch):
+    """What SSA reads inside segment_volume (cells for the slice's plane, after the left/right
+    mapping) is what guidance_volume draws, and 'left' lands on the patient's left (R = +x)."""
+    config = make_tiny_ssa_config()
+    net = build_model(config).eval()
+    seen = []
+    original = net.encode_text
+
+    def spy(encoder, prompts, plane="coronal"):
+        text = original(encoder, prompts, plane=plane)
+        seen.append((list(prompts), plane, text.cells.clone()))
+        return text
+
+    monkeypatch.setattr(net, "encode_text", spy)
+    shape = (3, 32, 32)
+    m = np.eye(4)
+    m[:3, :3] = direction * 3.0
+    m[:3, 3] = -(m[:3, :3] @ np.array([15.5, 15.5, 1.0]))
+    volume = np.random.default_rng(0).integers(0, 255, shape).astype(np.int16)
+    [result] = segment_volume(volume, m, ["left kidney"], LoadedModel(net, config, _text_encoder=minilm),
+                              device="cpu", prompt_laterality="patient")
+    (prompts, plane, cells), = seen
+    assert prompts == [result.model_prompt] and plane == result.layout.plane == "axial"
+    drawn = render_guidance(cells, 32, 32)[0, 0].numpy().astype(np.uint8)
+    from_engine = result.layout.from_slices(np.broadcast_to(drawn, (3, 32, 32)))
+    expected = guidance_volume(shape, m, "left kidney", model_laterality=config.laterality)
+    np.testing.assert_array_equal(from_engine, expected)
+    ras = _voxel_ras(shape, m)
+    central = np.abs(ras[..., 1]) < 20
+    assert expected[(ras[..., 0] < -15) & central].all() and not expected[(ras[..., 0] > 15) & central].any()
