@@ -119,7 +119,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         try:
             results = segment_volume(vol.array, vol.ijk_to_ras, prompts, model, axis=args.axis, batch_size=batch,
                                      threshold=args.threshold, device=device, prompt_laterality=args.laterality,
-                                     return_probability=args.probability, progress=progress)
+                                     return_probability=args.probability, samples=args.samples, seed=args.seed,
+                                     progress=progress)
         except ValueError as exc:
             raise UserError(f"{path}: {exc}") from None
         finally:
@@ -135,14 +136,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for value, r in enumerate(results, 1):
                 labels[r.labels > 0] = value
             write_labelmap(out_dir / f"{stem}_labels.nii.gz", labels, vol.ijk_to_ras)
-        if args.probability:
-            for n, r in zip(names, results):
-                safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in n)[:40]
-                write_volume(out_dir / f"{stem}_{safe}_probability.nrrd", r.probability, vol.ijk_to_ras)
+        for n, r in zip(names, results):
+            # models that sample masks also give an uncertainty (variance of the sampled probabilities)
+            for kind, array in (("probability", r.probability), ("uncertainty", r.uncertainty)):
+                if array is not None:
+                    write_volume(out_dir / f"{stem}_{_file_safe(n)}_{kind}.nrrd", array, vol.ijk_to_ras)
         seconds = time.perf_counter() - start
         voxels = ", ".join(f"{n}: {int(r.labels.sum())} voxels" for n, r in zip(names, results))
         print(f"{seg_path}  ({voxels}; {seconds:.1f} s)")
     return 0
+
+
+def _file_safe(name: str) -> str:
+    """A segment name as part of a file name: letters, digits, '-' and '_' only, at most 40 characters."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -251,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--laterality", default="patient", choices=("patient", "image"),
                    help="what 'left' in the prompt means: the patient's left (default) or the image's left half")
     p.add_argument("--probability", action="store_true", help="also write each prompt's probability volume")
+    p.add_argument("--samples", type=int, default=None,
+                   help="models that sample masks (SVP-CVAE): how many (default: the model's; 1 = no uncertainty). "
+                        "Writes <input>_<segment>_uncertainty.nrrd (variance of the sampled probabilities)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (same seed, same samples)")
     p.add_argument("--labelmap", action="store_true",
                    help="also write <input>_labels.nii.gz: label i = i-th prompt (a later prompt wins where two overlap)")
     p.add_argument("--shard", default=None, help="i/n: process every n-th input starting at i (cluster arrays)")

@@ -131,7 +131,8 @@ def validate_volume(volume: np.ndarray) -> np.ndarray:
 def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence[str] | None, model: LoadedModel, *,
                    axis: str | int = "auto", batch_size: int | str = "auto", threshold: float = 0.5,
                    device: str | torch.device | None = None, prompt_laterality: str = "patient",
-                   return_probability: bool = False, progress: ProgressCallback | None = None,
+                   return_probability: bool = False, samples: int | None = None, seed: int = 0,
+                   progress: ProgressCallback | None = None,
                    cancel: threading.Event | None = None) -> list[SegmentResult]:
     """Segment ``volume`` (``(k, j, i)``, or a 2D image) once per prompt.
 
@@ -146,6 +147,11 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
         prompt_laterality: ``patient`` when 'left' in the prompt means the patient's left (users),
             ``image`` when it means the image's left half (dataset reports such as QaTa's).
         return_probability: also return the float32 probability volume.
+        samples: for models that sample masks (SVP-CVAE): how many (None = the model's default,
+            1 = the single most likely mask, no uncertainty). The label comes from the mean
+            probability; ``uncertainty`` is the per-voxel variance of the sampled probabilities.
+            Models that do not sample refuse ``samples > 1``.
+        seed: seeds the sampling (same seed, same samples; each prompt starts from it).
         progress: called as ``progress(done, total)`` after every batch (total = prompts x slices).
         cancel: when set, the run stops after the current batch and raises :class:`SegmentationCancelled`.
     """
@@ -162,6 +168,15 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
     else:
         cleaned = [clean_prompt(p) for p in prompts]
 
+    sampling = bool(getattr(net, "samples_masks", False))
+    if samples is not None and int(samples) < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if samples is not None and int(samples) > 1 and not sampling:
+        raise ValueError(f"model '{model.name}' gives one mask per prompt; --samples needs a model that samples "
+                         "masks (SVP-CVAE)")
+    n_samples = (int(samples) if samples is not None else int(getattr(model.config, "samples", 1))) \
+        if sampling else 1
+
     dev = select_device(device)
     if next(net.parameters()).device != dev:
         net.to(dev)
@@ -175,7 +190,8 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
     # A single slice is a picture (a chest X-ray, an endoscopy frame): its rows read top to bottom
     # like a coronal view, whatever plane its (usually missing) geometry names.
     plane = "coronal" if n == 1 else layout.plane
-    bs = auto_batch_size(model, dev) if batch_size == "auto" else int(batch_size)
+    # each slice decodes n_samples masks: keep the automatic batch's memory the same
+    bs = max(1, auto_batch_size(model, dev) // n_samples) if batch_size == "auto" else int(batch_size)
     if bs < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     total = n * len(cleaned)
@@ -192,6 +208,8 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
         if model_prompt is not None:
             text = encode_prompts(net, model.text_encoder, [model_prompt], plane=plane).to(dev)
         prob = np.empty((n, rows, cols), dtype=np.float32)
+        variance = np.empty((n, rows, cols), dtype=np.float32) if n_samples > 1 else None
+        generator = torch.Generator(device=dev).manual_seed(int(seed)) if n_samples > 1 else None
         for s0 in range(0, n, bs):
             if cancel is not None and cancel.is_set():
                 raise SegmentationCancelled("segmentation cancelled; nothing was written")
@@ -200,9 +218,16 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
                 chunk = chunk.expand(-1, 3, -1, -1)
             x = resize_images(chunk, size)
             batch_text = text.index([0] * x.shape[0]) if text is not None else None
-            with torch.inference_mode(), _autocast(dev):
-                logits = net(x, batch_text)["logits"]
-            p = resize_probabilities(torch.sigmoid(logits.float()), (rows, cols))
+            if n_samples > 1:
+                with torch.inference_mode(), _autocast(dev):
+                    sampled = net.sample(x, batch_text, n_samples, generator=generator).float()  # [S, B, 1, h, w]
+                p = resize_probabilities(sampled.mean(0), (rows, cols))
+                v = resize_probabilities(sampled.var(0, unbiased=False), (rows, cols))
+                variance[s0:s0 + x.shape[0]] = v[:, 0].cpu().numpy()
+            else:
+                with torch.inference_mode(), _autocast(dev):
+                    logits = net(x, batch_text)["logits"]
+                p = resize_probabilities(torch.sigmoid(logits.float()), (rows, cols))
             prob[s0:s0 + x.shape[0]] = p[:, 0].cpu().numpy()
             done += x.shape[0]
             if progress is not None:
@@ -214,5 +239,6 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
             prompt=prompt or "", model_prompt=model_prompt or "",
             labels=(prob_vol >= threshold).astype(np.uint8),
             probability=prob_vol if return_probability else None,
+            uncertainty=layout.from_slices(variance) if variance is not None else None,
             seconds=time.perf_counter() - start, slices=n, layout=layout))
     return results

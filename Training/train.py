@@ -206,7 +206,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, t: dict[str, Any], steps_pe
 @torch.no_grad()
 def validate(model: torch.nn.Module, dataset: PreloadedDataset, text_for: Any, batch_size: int,
              device: torch.device, amp: bool) -> dict[str, float]:
-    """Both Dice conventions at the masks' native size (probabilities resized linearly, threshold 0.5)."""
+    """Both Dice and IoU conventions at the masks' native size (probabilities resized linearly, threshold 0.5)."""
     model.eval()
     scores = SegmentationScores()
     for start in range(0, len(dataset), batch_size):
@@ -222,7 +222,7 @@ def validate(model: torch.nn.Module, dataset: PreloadedDataset, text_for: Any, b
             scores.add(dataset.cases[i].case_id, pred.cpu().numpy(), truth)
     model.train()
     summary = scores.summary()
-    return {"dice_global": summary["dice_global"], "dice_per_image": summary["dice_per_image"]}
+    return {k: summary[k] for k in ("dice_global", "dice_per_image", "iou_global", "iou_per_image")}
 
 
 def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
@@ -450,6 +450,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             collate_fn=collate, num_workers=t["num_workers"], drop_last=True)
         model.train()
         text_encoder.train()
+        if hasattr(model, "on_epoch_start"):  # e.g. SVP-CVAE's KL warm-up beta(t)
+            model.on_epoch_start(epoch)
         sums: dict[str, float] = {}
         n_batches = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", disable=rank != 0 or tqdm is None,
@@ -458,7 +460,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for i, batch in enumerate(bar):
             images, masks = batch["image"].to(device), batch["mask"].to(device)
             with autocast(device, t["amp"]):
-                out_dict = ddp_model(images, text_for(batch["text"]))
+                extra = {"target": masks} if getattr(model, "uses_target", False) else {}
+                out_dict = ddp_model(images, text_for(batch["text"]), **extra)
             logits = out_dict["logits"].float()
             parts = {"bce": t["bce_weight"] * F.binary_cross_entropy_with_logits(logits, masks),
                      "dice": t["dice_weight"] * dice_loss(logits, masks)}

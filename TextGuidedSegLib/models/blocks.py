@@ -86,6 +86,20 @@ class CrossAttentionBlock(nn.Module):
         return q, weights
 
 
+class FiLM(nn.Module):
+    """Feature-wise modulation of a decoder stage by the text vector: x * (1 + gamma) + beta."""
+
+    def __init__(self, dim: int, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.proj(vector).to(x.dtype)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + gamma) + beta
+
+
 def info_nce(visual: torch.Tensor, text: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE between L2-normalised visual and text vectors ``[B, D]``.
 

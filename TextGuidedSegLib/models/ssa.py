@@ -37,7 +37,7 @@ from torch import nn
 from ..guidance import GRID_COLS, GRID_ROWS, guidance_cells, render_guidance
 from ..text import TextEncoder
 from ..text.hybrid import parse_report
-from .blocks import CNNEncoder, DecoderBlock, LearnableTemperature, check_divisible, info_nce
+from .blocks import CNNEncoder, DecoderBlock, FiLM, LearnableTemperature, check_divisible, info_nce
 from .config import ModelConfig
 from .registry import register
 
@@ -152,20 +152,6 @@ class TransportPooling(nn.Module):
                         self.epsilon, self.iterations)
         weights = plan / plan.sum(-1, keepdim=True).clamp_min(1e-12)   # rows: a distribution over targets
         return weights.to(target.dtype) @ self.value(target), plan
-
-
-class FiLM(nn.Module):
-    """Feature-wise modulation of a decoder stage by the text vector: x * (1 + gamma) + beta."""
-
-    def __init__(self, dim: int, channels: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim, 2 * channels)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        gamma, beta = self.proj(vector).to(x.dtype)[:, :, None, None].chunk(2, dim=1)
-        return x * (1 + gamma) + beta
 
 
 @register("ssa", SSAConfig)

@@ -191,7 +191,12 @@ class TextEncoder(nn.Module):
         """Encode prompts; frozen encoders answer repeated prompts from the cache."""
         prompts = [clean_prompt(p) for p in prompts]
         if not self.config.uses_cache:
-            return self._run(prompts)
+            # a batch repeats reports (QaTa has 162 distinct ones): run each once, gather the rows
+            unique = list(dict.fromkeys(prompts))
+            if len(unique) == len(prompts):
+                return self._run(prompts)
+            row = {p: i for i, p in enumerate(unique)}
+            return self._run(unique).index([row[p] for p in prompts])
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
             with torch.no_grad():
