@@ -70,6 +70,18 @@ def make_tiny_ssa_config(**overrides):
     return SSAConfig(**kwargs)
 
 
+def make_tiny_svp_config(**overrides):
+    """An SVP-CVAE small enough for a sub-second step on one core (64 px; text levels of MiniLM)."""
+    from TextGuidedSegLib.models.svp_cvae import SVPCVAEConfig
+    from TextGuidedSegLib.text import TextEncoderConfig
+
+    kwargs = dict(image_size=64, encoder_channels=(4, 4, 8, 8, 8), decoder_channels=(8, 8, 4, 4), dim=8, heads=2,
+                  text_levels=(2, 4, 6), latent_dim=3, cbsm_kernel=3, kl_warmup_start=0, kl_warmup_epochs=1,
+                  samples=4, text=TextEncoderConfig(max_length=16, dim=MINILM_DIM))
+    kwargs.update(overrides)
+    return SVPCVAEConfig(**kwargs)
+
+
 @pytest.fixture
 def tiny_tmc_config():
     """Factory: ``tiny_tmc_config(**overrides)`` -> a fresh small :class:`TMCConfig`."""

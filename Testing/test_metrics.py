@@ -155,3 +155,26 @@ def test_empty_masks_give_nan_and_are_left_out_of_the_mean():
     assert s["asd_mean"] == pytest.approx((1.0 + 0.0) / 2)
     # the missed case still counts (as 0) for Dice: per-image (0.8 + 0 + 1) / 3
     assert s["dice_per_image"] == pytest.approx((2 * 80 / 200 + 0 + 1) / 3)
+
+
+# ----------------------------------------------------------------------------- uncertainty
+def test_uncertainty_auroc_and_confident_dice():
+    from TextGuidedSegLib.metrics import UncertaintyScores
+
+    truth = np.zeros((10, 10), bool)
+    truth[2:6, 2:6] = True
+    pred = truth.copy()
+    pred[6, 2:6] = True                      # 4 wrong pixels
+    perfect = np.zeros((10, 10))
+    perfect[6, 2:6] = 0.2                    # uncertainty exactly on the errors
+    s = UncertaintyScores()
+    s.add(pred, truth, perfect)
+    out = s.summary()
+    assert out["uncertainty_auroc"] == pytest.approx(1.0)
+    assert out["dice_per_image_confident90"] == pytest.approx(1.0)  # the errors are among the 10 % dropped
+    useless = UncertaintyScores()
+    useless.add(pred, truth, np.full((10, 10), 0.1))  # one value everywhere: chance
+    assert useless.summary()["uncertainty_auroc"] == pytest.approx(0.5)
+    backwards = UncertaintyScores()
+    backwards.add(pred, truth, 0.2 - perfect)
+    assert backwards.summary()["uncertainty_auroc"] == pytest.approx(0.0)

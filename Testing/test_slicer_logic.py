@@ -27,7 +27,7 @@ import torch
 slicer = pytest.importorskip("slicer", reason="PyPI slicer-core is needed for the Slicer logic tests")
 import vtk  # noqa: E402  (slicer-core brings vtk)
 
-from conftest import make_tiny_tmc_config  # noqa: E402
+from conftest import make_tiny_svp_config, make_tiny_tmc_config  # noqa: E402
 from TextGuidedSegLib.checkpoint import save_pretrained  # noqa: E402
 from TextGuidedSegLib.engine import SegmentationCancelled, segment_volume  # noqa: E402
 from TextGuidedSegLib.io import read_segmentation, read_volume, sample_path, write_volume  # noqa: E402
@@ -282,6 +282,24 @@ def test_uncertainty_volumes(tgs, scene, logic, volume_node, reference):
         np.testing.assert_allclose(logic.ijkToRasArray(volume), logic.ijkToRasArray(volume_node), atol=1e-12)
 
 
+def test_process_with_a_sampling_model(tgs, scene, logic, volume_node, brain1, tmp_path):
+    """A model that samples masks (SVP-CVAE) gives each prompt an uncertainty volume equal to the
+    engine's, on the input's geometry; the panel's sample count reaches the engine."""
+    torch.manual_seed(0)
+    model_dir = save_pretrained(build_model(make_tiny_svp_config()).eval(), tmp_path / "tiny-svp")
+    node = logic.process(volume_node, ["tumour"], str(model_dir), threshold=0.4, device="cpu", samples=3)
+    expected = segment_volume(brain1.array, brain1.ijk_to_ras, ["tumour"], load_model(str(model_dir), device="cpu"),
+                              threshold=0.4, device="cpu", samples=3)[0]
+    assert node.GetNumberOfNodeReferences(tgs.UNCERTAINTY_REFERENCE_ROLE) == 1
+    volume = node.GetNthNodeReference(tgs.UNCERTAINTY_REFERENCE_ROLE, 0)
+    np.testing.assert_allclose(logic.volumeArray(volume), expected.uncertainty, atol=1e-7)
+    np.testing.assert_allclose(logic.ijkToRasArray(volume), logic.ijkToRasArray(volume_node), atol=1e-12)
+    # a model that does not sample ignores the sample count (no error, no uncertainty volume)
+    tmc_dir = save_pretrained(build_model(make_tiny_tmc_config()).eval(), tmp_path / "tiny-tmc")
+    node = logic.process(volume_node, ["tumour"], str(tmc_dir), device="cpu", samples=3)
+    assert node.GetNumberOfNodeReferences(tgs.UNCERTAINTY_REFERENCE_ROLE) == 0
+
+
 def test_write_results_is_all_or_nothing(scene, logic, volume_node, reference, monkeypatch):
     _, expected = reference
     node = logic.write_results(volume_node, expected[:1]).segmentationNode
@@ -416,6 +434,19 @@ def test_batch_script_writes_seg_nrrd(tmp_path, brain1, tiny_model_dir, referenc
     assert "Infectious disease" in (segments[0].terminology or "")
 
 
+def test_batch_script_writes_uncertainty_for_sampling_models(tmp_path, brain1):
+    torch.manual_seed(0)
+    model_dir = save_pretrained(build_model(make_tiny_svp_config()).eval(), tmp_path / "tiny-svp")
+    out = tmp_path / "out"
+    proc = _batch("--input", str(sample_path("brain1_image.nrrd")), "--prompt", "tumour", "--output", str(out),
+                  "--model", str(model_dir), "--device", "cpu", "--samples", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["brain1_image.seg.nrrd", "brain1_image_tumour_uncertainty.nrrd"]
+    volume = read_volume(out / "brain1_image_tumour_uncertainty.nrrd")
+    assert volume.array.shape == brain1.array.shape and 0 <= volume.array.min() and volume.array.max() <= 0.25
+    np.testing.assert_allclose(volume.ijk_to_ras, brain1.ijk_to_ras, atol=1e-6)
+
+
 def test_batch_script_segments_a_directory(tmp_path, tiny_model_dir):
     """A folder of volumes -> one .seg.nrrd per volume, each on its own volume's grid."""
     import slicerio
@@ -483,7 +514,7 @@ def test_tags_match_library(tgs):
 def test_parameter_node_annotations_resolve(tgs):
     hints = tgs.TextGuidedSegParameterNode.__annotations__
     assert set(hints) == {"inputVolume", "outputSegmentation", "modelName", "prompts", "threshold", "device",
-                          "axis", "laterality", "writeProbability"}
+                          "axis", "laterality", "writeProbability", "samples"}
     assert hints["inputVolume"] is slicer.vtkMRMLScalarVolumeNode
     assert not any(isinstance(h, str) for h in hints.values())
 
@@ -498,7 +529,8 @@ def test_ui_file_matches_widget(tgs):
     assert qt_classes <= custom
     expected_class = {"inputVolume": "qMRMLNodeComboBox", "outputSegmentation": "qMRMLNodeComboBox",
                       "threshold": "ctkSliderWidget", "device": "QComboBox", "axis": "QComboBox",
-                      "laterality": "QComboBox", "writeProbability": "QCheckBox"}
+                      "laterality": "QComboBox", "writeProbability": "QCheckBox",
+                      "samples": "QSpinBox"}
     bound = {}
     for w in root.iter("widget"):
         for prop in w.findall("property"):

@@ -197,6 +197,8 @@ class TextGuidedSegParameterNode:
     threshold: probability at or above which a voxel belongs to the segment.
     device / axis / laterality: see TextGuidedSegLib.engine.segment_volume.
     writeProbability: also create one probability volume per prompt.
+    samples: masks drawn per prompt by models that sample (SVP-CVAE); their spread becomes an
+        uncertainty volume. 1 = no uncertainty. Other models ignore it.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -208,6 +210,7 @@ class TextGuidedSegParameterNode:
     axis: Annotated[str, Choice(AXES)] = "auto"
     laterality: Annotated[str, Choice(LATERALITIES)] = "patient"
     writeProbability: bool = False
+    samples: Annotated[int, WithinRange(1, 64)] = 8
 
 
 # With postponed annotations (PEP 563) the hints are strings; resolve them in this module's namespace
@@ -549,7 +552,7 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                    segmentationNodeID=p.outputSegmentation.GetID() if p.outputSegmentation else None,
                    array=array, ijkToRas=ijkToRas, prompts=prompts, model=p.modelName or None,
                    options=dict(threshold=p.threshold, device=p.device, axis=p.axis, laterality=p.laterality,
-                                probability=p.writeProbability))
+                                probability=p.writeProbability, samples=p.samples))
         job.thread = threading.Thread(target=_inferenceWorker, args=(self.logic, job), name="TextGuidedSeg",
                                       daemon=True)
         self._setStatus(_("Starting…"))
@@ -854,7 +857,7 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
     def run_inference(self, volume: np.ndarray, ijkToRas: np.ndarray, prompts: str | Sequence[str], model=None, *,
                       threshold: float = 0.5, device: str = "auto", axis: str = "auto",
                       laterality: str = "patient", probability: bool = False, batchSize: int | str = "auto",
-                      progress: Callable[[int, int], None] | None = None,
+                      samples: int | None = None, progress: Callable[[int, int], None] | None = None,
                       cancel: threading.Event | None = None) -> list:
         """Segment a ``(k, j, i)`` array once per prompt; returns TextGuidedSegLib ``SegmentResult`` s.
 
@@ -865,9 +868,12 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
 
         dev = select_device(device)
         loaded = self.loadModel(model, str(dev))
+        # the panel's sample count only means something to models that sample masks
+        if not getattr(loaded.model, "samples_masks", False):
+            samples = None
         return segment_volume(volume, ijkToRas, self.parsePrompts(prompts), loaded, axis=axis,
                               batch_size=batchSize, threshold=threshold, device=dev, prompt_laterality=laterality,
-                              return_probability=probability, progress=progress, cancel=cancel)
+                              return_probability=probability, samples=samples, progress=progress, cancel=cancel)
 
     # --- writing nodes (main thread) ---------------------------------------------------------
 
@@ -1062,8 +1068,8 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
 
     def process(self, volumeNode, prompts: str | Sequence[str], model=None, segmentationNode=None, *,
                 threshold: float = 0.5, device: str = "auto", axis: str = "auto", laterality: str = "patient",
-                probability: bool = False, progress: Callable[[int, int], None] | None = None,
-                cancel: threading.Event | None = None):
+                probability: bool = False, samples: int | None = None,
+                progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None):
         """Segment ``volumeNode`` once per prompt and add the segments to ``segmentationNode``.
 
         Args:
@@ -1075,6 +1081,9 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
             threshold, device, axis, laterality: see ``TextGuidedSegLib.engine.segment_volume``
                 (``laterality`` is what 'left' in the prompt means: ``patient`` or ``image``).
             probability: also create one probability volume per prompt.
+            samples: masks drawn per prompt by models that sample (SVP-CVAE; None = the model's
+                default): each prompt then also gets an uncertainty volume (variance of the sampled
+                probabilities). Ignored by models that do not sample.
             progress: ``progress(done, total)`` after every batch of slices.
             cancel: a ``threading.Event``; when set, ``SegmentationCancelled`` (``DownloadCancelled``
                 while downloading) is raised and the scene is left untouched.
@@ -1090,8 +1099,8 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
             self.downloadModel(model, cancel=cancel)
         loaded = self.loadModel(model, device)
         results = self.run_inference(array, ijkToRas, prompts, loaded, threshold=threshold, device=device, axis=axis,
-                                     laterality=laterality, probability=probability, progress=progress,
-                                     cancel=cancel)
+                                     laterality=laterality, probability=probability, samples=samples,
+                                     progress=progress, cancel=cancel)
         written = self.write_results(volumeNode, results, segmentationNode, modelName=loaded.name)
         self.log(f"segmented '{volumeNode.GetName()}' with {loaded.name} in {time.perf_counter() - start:.1f} s")
         return written.segmentationNode

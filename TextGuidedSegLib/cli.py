@@ -172,7 +172,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with tqdm(total=len(cases), desc=f"evaluate {args.dataset}/{args.split}", unit="case", disable=args.quiet,
               file=sys.stderr) as bar:
         summary = evaluate_cases(model, cases, save_predictions=args.save_predictions, per_case_csv=args.per_case_csv,
-                                 distances=not args.no_distances, device=device,
+                                 distances=not args.no_distances, device=device, samples=args.samples,
+                                 seed=args.seed,
                                  progress=lambda n, total: bar.update(n - bar.n))
     summary = {"model": model.name, "dataset": args.dataset, "split": args.split, **summary}
     if args.json:
@@ -186,6 +187,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if "laterality_error_rate" in summary:
         print(f"  laterality error rate ({summary['laterality_cases']} one-sided cases, >10 % mass on the "
               f"other side): {summary['laterality_error_rate']:.4f}")
+    if "uncertainty_auroc" in summary:
+        print(f"  uncertainty (variance of {args.samples or model.config.samples} samples): AUROC for wrong pixels "
+              f"{summary['uncertainty_auroc']:.4f}; Dice without the 10 % most uncertain pixels, global / per-image: "
+              f"{summary['dice_global_confident90']:.4f} / {summary['dice_per_image_confident90']:.4f}")
     print(f"  slices/s: {summary['slices_per_second']:.1f}")
     return 0
 
@@ -279,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--per-case-csv", default=None, metavar="FILE")
     e.add_argument("--json", default=None, metavar="FILE", help="write the summary as JSON")
     e.add_argument("--no-distances", action="store_true", help="skip HD95 / ASD (faster)")
+    e.add_argument("--samples", type=int, default=None,
+                   help="models that sample masks (SVP-CVAE): samples per case (default: the model's); "
+                        "adds the uncertainty scores (AUROC for wrong pixels, Dice without the 10 %% most uncertain)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(func=cmd_evaluate)

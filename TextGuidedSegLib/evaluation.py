@@ -21,7 +21,7 @@ from .checkpoint import LoadedModel
 from .data import SegmentationCase, read_grey, read_mask
 from .engine import segment_volume
 from .guidance import side_columns
-from .metrics import SegmentationScores
+from .metrics import SegmentationScores, UncertaintyScores
 from .text.hybrid import parse_report
 
 logger = logging.getLogger(__name__)
@@ -33,16 +33,20 @@ IMAGE_IJK_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def evaluate_cases(model: LoadedModel, cases: Sequence[SegmentationCase], *, save_predictions: str | Path | None = None,
                    per_case_csv: str | Path | None = None, distances: bool = True, device: str | None = None,
-                   threshold: float = 0.5, progress: Callable[[int, int], None] | None = None,
+                   threshold: float = 0.5, samples: int | None = None, seed: int = 0,
+                   progress: Callable[[int, int], None] | None = None,
                    cancel: threading.Event | None = None) -> dict[str, float]:
     """Both Dice conventions, IoU, HD95, ASD (pixels), slices/s over ``cases``, and the laterality
-    error rate over the cases whose text names one side only (see :mod:`TextGuidedSegLib.metrics`)."""
+    error rate over the cases whose text names one side only (see :mod:`TextGuidedSegLib.metrics`).
+    Models that sample masks (``samples`` > 1) are also scored on how well their uncertainty
+    flags their errors (:class:`TextGuidedSegLib.metrics.UncertaintyScores`)."""
     if not cases:
         raise ValueError("no cases to evaluate")
     pred_dir = Path(save_predictions) if save_predictions else None
     if pred_dir is not None:
         pred_dir.mkdir(parents=True, exist_ok=True)
     scores = SegmentationScores()
+    uncertainty = UncertaintyScores()
     engine_seconds = 0.0
     rows = []
     for n, case in enumerate(cases, 1):
@@ -51,7 +55,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[SegmentationCase], *, sav
         start = time.perf_counter()
         result = segment_volume(image, IMAGE_IJK_TO_RAS, [case.text] if case.text else None, model,
                                 batch_size=1, threshold=threshold, device=device,
-                                prompt_laterality=case.laterality, cancel=cancel)[0]
+                                prompt_laterality=case.laterality, samples=samples, seed=seed, cancel=cancel)[0]
         engine_seconds += time.perf_counter() - start
         pred = result.labels[0].astype(bool)
         if pred.shape != truth.shape:
@@ -59,6 +63,8 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[SegmentationCase], *, sav
         side = parse_report(case.text).unilateral_side if case.text else None
         named_column = side_columns(case.laterality)[side] if side else None
         score = scores.add(case.case_id, pred, truth, distances=distances, named_column=named_column)
+        if result.uncertainty is not None:
+            uncertainty.add(pred, truth, result.uncertainty[0])
         rows.append({"case_id": case.case_id, "dice": score.dice, "iou": score.iou, "hd95": score.hd95,
                      "asd": score.asd, "wrong_side": score.wrong_side, "pred_pixels": score.pred_size, "true_pixels": score.target_size,
                      "text": case.text})
@@ -67,6 +73,8 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[SegmentationCase], *, sav
         if progress is not None:
             progress(n, len(cases))
     summary = scores.summary()
+    if uncertainty.kept_dice:
+        summary.update(uncertainty.summary())
     summary["slices_per_second"] = len(cases) / engine_seconds if engine_seconds > 0 else float("nan")
     if per_case_csv:
         with open(per_case_csv, "w", newline="", encoding="utf-8") as f:

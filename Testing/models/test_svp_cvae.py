@@ -14,25 +14,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from base import BaseModelTester  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import MINILM_DIM  # noqa: E402
+from conftest import make_tiny_svp_config  # noqa: E402
 
 from TextGuidedSegLib import io  # noqa: E402
 from TextGuidedSegLib.checkpoint import LoadedModel, load_pretrained, save_pretrained  # noqa: E402
 from TextGuidedSegLib.engine import segment_volume  # noqa: E402
 from TextGuidedSegLib.models import build_model  # noqa: E402
-from TextGuidedSegLib.models.svp_cvae import CBSM, MARL, SVPCVAEConfig, gaussian_kl, kl_beta  # noqa: E402
+from TextGuidedSegLib.models.svp_cvae import CBSM, MARL, gaussian_kl, kl_beta  # noqa: E402
 from TextGuidedSegLib.text import TextEncoder, TextEncoderConfig  # noqa: E402
 
 PROMPTS = ["bilateral pulmonary infection, all left lung and all right lung.",
            "unilateral pulmonary infection, one infected area, lower right lung."]
-
-
-def make_tiny_svp_config(**overrides) -> SVPCVAEConfig:
-    kwargs = dict(image_size=64, encoder_channels=(4, 4, 8, 8, 8), decoder_channels=(8, 8, 4, 4), dim=8, heads=2,
-                  text_levels=(2, 4, 6), latent_dim=3, cbsm_kernel=3, kl_warmup_start=0, kl_warmup_epochs=1,
-                  samples=4, text=TextEncoderConfig(max_length=16, dim=MINILM_DIM))
-    kwargs.update(overrides)
-    return SVPCVAEConfig(**kwargs)
 
 
 class TestSVPCVAE(BaseModelTester):
@@ -204,3 +196,18 @@ def test_cli_writes_the_uncertainty_volume(cli, tiny_svp, tmp_path):
     assert unc.array.shape == ref.array.shape
     np.testing.assert_allclose(unc.ijk_to_ras, ref.ijk_to_ras, atol=1e-6)
     assert 0 <= unc.array.min() and unc.array.max() <= 0.25 + 1e-6 and unc.array.max() > 0
+
+
+def test_evaluate_scores_the_uncertainty(cli, tiny_svp, tmp_path, shared_data):
+    model_dir = save_pretrained(tiny_svp.model, tmp_path / "tiny-svp", metadata={"name": "tiny-svp"})
+    report = tmp_path / "scores.json"
+    rc, stdout, stderr = cli("evaluate", "--model", model_dir, "--dataset", "qata", "--data-root",
+                             shared_data / "qata", "--split", "val", "--limit", "3", "--samples", "2",
+                             "--no-distances", "--json", report, "--quiet", "--device", "cpu")
+    assert rc == 0, stderr
+    import json
+
+    summary = json.loads(report.read_text(encoding="utf-8"))
+    assert 0.0 <= summary["uncertainty_auroc"] <= 1.0
+    assert 0.0 <= summary["dice_global_confident90"] <= 1.0
+    assert "AUROC for wrong pixels" in stdout

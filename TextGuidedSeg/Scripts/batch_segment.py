@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what 'left' in a prompt means: the patient's left (default) or the image's left half")
     parser.add_argument("--probability", action="store_true",
                         help="also write <stem>_<segment>_probability.nrrd per prompt")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="models that sample masks (SVP-CVAE): masks per prompt; writes "
+                             "<stem>_<segment>_uncertainty.nrrd (variance of the sampled probabilities)")
     parser.add_argument("--quiet", "-q", action="store_true", help="log warnings and errors only")
     return parser
 
@@ -100,7 +103,7 @@ def write_segmentation_node(segmentationNode, path: Path) -> Path:
 
 def segment_file(logic, path: Path, args: argparse.Namespace, model) -> list[Path]:
     import slicer
-    from TextGuidedSeg import PROBABILITY_REFERENCE_ROLE, SEGMENT_ID_ATTRIBUTE
+    from TextGuidedSeg import PROBABILITY_REFERENCE_ROLE, SEGMENT_ID_ATTRIBUTE, UNCERTAINTY_REFERENCE_ROLE
 
     from TextGuidedSegLib.io import ImageReadError, read_volume, write_volume
 
@@ -123,17 +126,18 @@ def segment_file(logic, path: Path, args: argparse.Namespace, model) -> list[Pat
         try:
             segmentationNode = logic.process(volumeNode, args.prompt, model, threshold=args.threshold,
                                              device=args.device, axis=args.axis, laterality=args.laterality,
-                                             probability=args.probability, progress=progress)
+                                             probability=args.probability, samples=args.samples,
+                                             progress=progress)
         except ValueError as exc:
             raise BatchError(f"{path}: {exc}") from None
         out_dir = Path(args.output)
         written = [write_segmentation_node(segmentationNode, out_dir / f"{_stem(path)}.seg.nrrd")]
-        if args.probability:
-            segmentation = segmentationNode.GetSegmentation()
-            for index in range(segmentationNode.GetNumberOfNodeReferences(PROBABILITY_REFERENCE_ROLE)):
-                node = segmentationNode.GetNthNodeReference(PROBABILITY_REFERENCE_ROLE, index)
+        segmentation = segmentationNode.GetSegmentation()
+        for role, kind in ((PROBABILITY_REFERENCE_ROLE, "probability"), (UNCERTAINTY_REFERENCE_ROLE, "uncertainty")):
+            for index in range(segmentationNode.GetNumberOfNodeReferences(role)):
+                node = segmentationNode.GetNthNodeReference(role, index)
                 segment = segmentation.GetSegment(node.GetAttribute(SEGMENT_ID_ATTRIBUTE))
-                target = out_dir / f"{_stem(path)}_{_safe(segment.GetName())}_probability.nrrd"
+                target = out_dir / f"{_stem(path)}_{_safe(segment.GetName())}_{kind}.nrrd"
                 written.append(write_volume(target, logic.volumeArray(node), logic.ijkToRasArray(node)))
         segmentation = segmentationNode.GetSegmentation()
         names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
