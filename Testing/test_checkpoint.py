@@ -231,3 +231,39 @@ def test_failed_save_keeps_previous_directory(tiny_model, saved, monkeypatch, in
     assert (saved / WEIGHTS_NAME).read_bytes() == before
     assert _leftovers(saved.parent, saved.name) == []
     load_pretrained(saved)
+
+
+# ----------------------------------------------------------------------------- text encoders saved with the model
+@pytest.mark.parametrize("kind", ["lora", "fine-tuned"])
+def test_trained_text_encoder_round_trip(kind, tmp_path):
+    """A LoRA encoder is stored as its adapter only (the base is named in the config); a fine-tuned
+    one as a full copy. Either way the loaded model encodes text exactly as the trained one did."""
+    from conftest import make_tiny_svp_config
+    from TextGuidedSegLib.models import build_model
+    from TextGuidedSegLib.text import TextEncoder, TextEncoderConfig
+
+    text_cfg = (TextEncoderConfig(max_length=16, lora_layers=[4, 5], lora_targets=["query", "key", "value", "dense"])
+                if kind == "lora" else TextEncoderConfig(max_length=16, trainable=True))
+    encoder = TextEncoder(text_cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():  # as if trained: LoRA's B matrices start at zero, move them
+        for name, p in encoder.named_parameters():
+            if p.requires_grad and (kind == "fine-tuned" and "layer.5.output.dense.weight" in name or "lora_B" in name):
+                p.add_(torch.randn_like(p) * 0.05)
+    encoder.eval()
+    prompts = ["lower left lung", "bilateral pulmonary infection"]
+    with torch.no_grad():
+        expected = encoder.encode(prompts)
+    model = build_model(make_tiny_svp_config(text=text_cfg))
+    directory = save_pretrained(model, tmp_path / "m", text_encoder=encoder)
+    size = sum(p.stat().st_size for p in (directory / "text_encoder").rglob("*") if p.is_file())
+    if kind == "lora":
+        assert size < 1_000_000 and (directory / "text_encoder" / "adapter_config.json").is_file()
+    else:
+        assert size > 10_000_000  # the whole encoder
+    loaded = load_pretrained(directory)
+    assert loaded.config.text.uses_cache  # frozen again for inference
+    got = loaded.text_encoder.encode(prompts)
+    torch.testing.assert_close(got.pooled, expected.pooled, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got.hidden_states, expected.hidden_states):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

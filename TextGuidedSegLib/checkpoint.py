@@ -91,13 +91,14 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[s
     try:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if text_encoder is not None and not text_encoder.config.uses_cache:
-            enc = text_encoder.model
-            if hasattr(enc, "merge_and_unload"):  # peft: store plain weights with LoRA merged in
-                import copy
-                enc = copy.deepcopy(enc).merge_and_unload()
-            enc.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
-            text_encoder.tokenizer.save_pretrained(tmp / TEXT_ENCODER_DIR)
-            payload["text_encoder_dir"] = TEXT_ENCODER_DIR
+            if text_encoder.config.lora_layers and not text_encoder.config.trainable:
+                # LoRA: only the adapter (peft format); the base encoder is named in the config
+                text_encoder.model.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
+                payload["text_adapter_dir"] = TEXT_ENCODER_DIR
+            else:  # a fine-tuned encoder: its own full copy
+                text_encoder.model.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
+                text_encoder.tokenizer.save_pretrained(tmp / TEXT_ENCODER_DIR)
+                payload["text_encoder_dir"] = TEXT_ENCODER_DIR
         (tmp / CONFIG_NAME).write_text(encoding="utf-8", data=json.dumps(payload, indent=2) + "\n")
         if card:
             (tmp / CARD_NAME).write_text(encoding="utf-8", data=card)
@@ -159,6 +160,8 @@ def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu"
     if payload.get("text_encoder_dir"):
         config.text.name_or_path = str(directory / payload["text_encoder_dir"])
         config.text.trainable, config.text.lora_layers = False, []
+    if payload.get("text_adapter_dir"):
+        config.text.adapter_path = str(directory / payload["text_adapter_dir"])
     model = build_model(config)
     state = load_file(str(weights))
     expected = model.state_dict()

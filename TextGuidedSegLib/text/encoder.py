@@ -79,6 +79,9 @@ class TextEncoderConfig:
         lora_layers: indices of layers that get LoRA adapters (empty = no LoRA).
         lora_targets: module names inside those layers (``query``, ``key``, ``value``, ``dense``).
         lora_rank, lora_alpha, lora_dropout: LoRA hyper-parameters (peft).
+        adapter_path: a trained LoRA adapter (peft directory) to load onto ``name_or_path`` and merge;
+            the encoder is then frozen again (set by the checkpoint loader: a model directory stores
+            its adapter, a few hundred kB, not a copy of the base encoder).
         dim: hidden size, filled in once the encoder is loaded (models size their projections with it).
     """
 
@@ -92,6 +95,7 @@ class TextEncoderConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
+    adapter_path: str = ""
     dim: int = 384
 
     def __post_init__(self) -> None:
@@ -104,7 +108,8 @@ class TextEncoderConfig:
 
     @property
     def uses_cache(self) -> bool:
-        return not self.trainable and not self.lora_layers
+        """Frozen (no fine-tuning, no LoRA still to train): outputs can be cached per prompt."""
+        return not self.trainable and (not self.lora_layers or bool(self.adapter_path))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,7 +164,13 @@ class TextEncoder(nn.Module):
         else:
             self.model = AutoModel.from_pretrained(path, local_files_only=local_only)
         config.dim = int(self.model.config.hidden_size)
-        if config.lora_layers:
+        if config.adapter_path:  # a trained adapter: merge it in, stay frozen
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, config.adapter_path).merge_and_unload()
+            self.model.requires_grad_(False)
+            self.model.eval()
+        elif config.lora_layers:
             self._add_lora()
         elif not config.trainable:
             self.model.requires_grad_(False)
