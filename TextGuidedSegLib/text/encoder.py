@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,7 +168,9 @@ class TextEncoder(nn.Module):
         if config.adapter_path:  # a trained adapter: merge it in, stay frozen
             from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(self.model, config.adapter_path).merge_and_unload()
+            with warnings.catch_warnings():  # peft <-> transformers deprecation notices, not ours to fix
+                warnings.simplefilter("ignore", FutureWarning)
+                self.model = PeftModel.from_pretrained(self.model, config.adapter_path).merge_and_unload()
             self.model.requires_grad_(False)
             self.model.eval()
         elif config.lora_layers:
@@ -184,7 +187,9 @@ class TextEncoder(nn.Module):
         cfg = self.config
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_targets), layers_to_transform=list(cfg.lora_layers))
-        self.model = get_peft_model(self.model, lora)
+        with warnings.catch_warnings():  # peft <-> transformers deprecation notices, not ours to fix
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model = get_peft_model(self.model, lora)
 
     @property
     def device(self) -> torch.device:
