@@ -243,6 +243,13 @@ def model_card(cfg: dict[str, Any], best: dict[str, Any], engine: dict[str, Any]
                 f"| {val} Dice, per-image mean, `textguidedseg evaluate` | **{engine['dice_per_image']:.4f}** |\n"
                 f"| {val} IoU, global / per-image | {engine['iou_global']:.4f} / {engine['iou_per_image']:.4f} |\n"
                 f"| {val} cases scored | {engine['cases']} |\n")
+        rows += (f"| {val} HD95 / ASD (pixels, mean over {engine['distance_cases']} cases with both masks non-empty) | "
+                 f"{engine['hd95_mean']:.2f} / {engine['asd_mean']:.2f} |\n")
+        if "uncertainty_auroc" in engine:
+            rows += (f"| {val} uncertainty (variance of {m.get('samples')} sampled probabilities): AUROC for misclassified pixels | "
+                     f"{engine['uncertainty_auroc']:.4f} |\n"
+                     f"| {val} Dice without each image's 10 % most uncertain pixels, global / per-image | "
+                     f"{engine['dice_global_confident90']:.4f} / {engine['dice_per_image_confident90']:.4f} |\n")
         if "laterality_error_rate" in engine:
             rows += (f"| {val} laterality error rate ({engine['laterality_cases']} one-sided reports, > 10 % of the "
                      f"predicted mass on the other side) | {engine['laterality_error_rate']:.4f} |\n")
@@ -298,7 +305,7 @@ def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg
     if cfg["train"]["final_engine_eval"]:
         loaded = LoadedModel(model=best_model, config=model_cfg, metadata={"name": cfg.get("name", "")},
                              _text_encoder=text_encoder)
-        engine = evaluate_cases(loaded, val_cases, distances=False, device=str(device))
+        engine = evaluate_cases(loaded, val_cases, distances=True, device=str(device))
         logger.info("engine evaluation on %d validation cases: global Dice %.4f, per-image Dice %.4f",
                     engine["cases"], engine["dice_global"], engine["dice_per_image"])
     hardware = state.get("hardware") or "unknown"
@@ -314,7 +321,9 @@ def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg
                   "training_loop": {k: state["best"][k] for k in ("dice_global", "dice_per_image")}}
     if engine is not None:
         validation.update({k: engine[k] for k in ("dice_global", "dice_per_image", "iou_global", "iou_per_image",
-                                                  "cases", "laterality_error_rate", "laterality_cases")
+                                                  "cases", "hd95_mean", "asd_mean", "distance_cases",
+                                                  "laterality_error_rate", "laterality_cases", "uncertainty_auroc",
+                                                  "dice_global_confident90", "dice_per_image_confident90")
                            if k in engine})
     meta = {"name": cfg.get("name", model_cfg.model_type), "validation": validation,
             "training": {"command": command, "wall_minutes": round(state["wall_s"] / 60, 1), "hardware": hardware,
