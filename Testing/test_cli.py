@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from PIL import Image
 
+from conftest import make_tiny_tmc_config
 from test_engine import save_tiny_model
 from TextGuidedSegLib import io
-from TextGuidedSegLib.checkpoint import WEIGHTS_NAME, sha256_of
+from TextGuidedSegLib.checkpoint import WEIGHTS_NAME, save_pretrained, sha256_of
+from TextGuidedSegLib.models import build_model
 from TextGuidedSegLib.engine import segment_volume
 from TextGuidedSegLib.model_store import load_model
 from TextGuidedSegLib.terminology import short_name, style_for
@@ -361,6 +364,24 @@ def test_models_import_twice_needs_overwrite(cli, model_dir, home):
     assert "--overwrite" in err and "twice" in err
     assert cli("models", "import", model_dir, "--name", "twice", "--overwrite")[0] == 0
     assert sorted(p.name for p in (home / "models").iterdir()) == ["twice"]
+
+
+def test_models_import_zip_with_a_fine_tuned_text_encoder(cli, home, tmp_path):
+    """A model whose text encoder was fine-tuned carries text_encoder/{config.json, model.safetensors}:
+    the archive still holds one model (the outer directory), and the import keeps the encoder."""
+    from TextGuidedSegLib.text import TextEncoder, TextEncoderConfig
+
+    encoder = TextEncoder(TextEncoderConfig(max_length=16, trainable=True))
+    torch.manual_seed(0)
+    model_dir = save_pretrained(build_model(make_tiny_tmc_config()), tmp_path / "tuned", text_encoder=encoder)
+    archive = tmp_path / "tuned.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in model_dir.rglob("*"):
+            if f.is_file():
+                zf.write(f, f"tuned/{f.relative_to(model_dir)}")
+    rc, out, err = cli("models", "import", archive)
+    assert rc == 0, err
+    assert (home / "models" / "tuned" / "text_encoder" / WEIGHTS_NAME).is_file()
 
 
 def test_models_import_refuses_pickle_zip(cli, home, tmp_path):

@@ -196,6 +196,8 @@ def import_model(source: str | Path, name: str | None = None, overwrite: bool = 
                 zf.extractall(staged)
             configs = list(staged.rglob("config.json"))
             candidates = [c.parent for c in configs if (c.parent / WEIGHTS_NAME).is_file()]
+            # a fine-tuned text encoder inside a model (text_encoder/) looks like one too: keep the outer
+            candidates = [c for c in candidates if not any(o in c.parents for o in candidates)]
             pickles = [m for m in zf.namelist() if m.lower().endswith(PICKLE_SUFFIXES)]
             if not candidates and pickles:
                 raise CheckpointError(f"{source} holds pickle weights ({', '.join(pickles[:3])}) and no "
