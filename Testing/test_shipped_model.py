@@ -16,7 +16,16 @@ from TextGuidedSegLib.model_store import DEFAULT_MODEL, MANIFEST, list_models, l
 SAMPLES = ["cxr_s11234-e19977-r1", "cxr_s11242-e20020-r1", "cxr_s11247-e20029-r1"]
 
 
-@pytest.mark.parametrize("name", ["tmc-qata-cpu", "tmc-kvasir-cpu"])
+SHIPPED = {"tmc-qata-cpu": "tmc", "tmc-kvasir-cpu": "tmc", "ssa-qata-cpu": "ssa"}
+QATA_MODELS = ["tmc-qata-cpu", "ssa-qata-cpu"]
+
+
+def test_manifest_lists_every_shipped_model():
+    entries = {e["name"]: e["model_type"] for e in json.loads(MANIFEST.read_text(encoding="utf-8"))["models"]}
+    assert entries == SHIPPED
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_every_shipped_model_matches_its_manifest_entry(name):
     entries = {e["name"]: e for e in json.loads(MANIFEST.read_text(encoding="utf-8"))["models"]}
     entry = resolve_model(name)
@@ -25,7 +34,7 @@ def test_every_shipped_model_matches_its_manifest_entry(name):
     assert sha256_of(weights) == entries[name]["sha256"]
     assert weights.stat().st_size == entries[name]["size"] <= 25 * 2**20
     model = load_model(name)
-    assert model.config.model_type == "tmc" and model.config.laterality == "image"
+    assert model.config.model_type == SHIPPED[name] and model.config.laterality == "image"
     card = (entry.path / "README.md").read_text(encoding="utf-8")
     assert "Dice, global" in card and "Dice, per-image" in card and "Training command" in card
 
@@ -42,25 +51,25 @@ def test_manifest_lists_default_with_matching_sha256():
     assert DEFAULT_MODEL in [e.name for e in list_models()]
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    return load_model(DEFAULT_MODEL)
+@pytest.fixture(scope="module", params=QATA_MODELS)
+def qata_model(request):
+    return load_model(request.param)
 
 
-def test_default_model_segments_shipped_xrays(default_model):
+def test_qata_models_segment_shipped_xrays(qata_model):
     """Reports in the dataset's own (image-side) words: the masks must match the ground truth."""
     dices = []
     for cid in SAMPLES:
         vol = io.read_volume(io.sample_path(f"qata/{cid}.png"))
         truth = io.read_volume(io.sample_path(f"qata/{cid}_mask.png")).array[0] > 127
         report = io.sample_path(f"qata/{cid}.txt").read_text(encoding="utf-8")
-        [res] = segment_volume(vol.array, vol.ijk_to_ras, [report], default_model, prompt_laterality="image")
+        [res] = segment_volume(vol.array, vol.ijk_to_ras, [report], qata_model, prompt_laterality="image")
         dices.append(dice_iou(res.labels[0] > 0, truth)[0])
     # measured 2026-11-25 on these three validation images; a broken model or pipeline scores ~0
     assert np.mean(dices) > 0.6, dices
 
 
-def test_default_model_follows_the_patients_side(default_model):
+def test_qata_models_follow_the_patients_side(qata_model):
     """cxr_s11242: infection in the lower lung on the image's left = the patient's right.
     'lower right lung' about the patient must put most predicted mass on the image's left half;
     'lower left lung' about the patient must move it to the image's right half."""
@@ -68,10 +77,22 @@ def test_default_model_follows_the_patients_side(default_model):
     vol = io.read_volume(io.sample_path(f"qata/{cid}.png"))
     half = vol.array.shape[2] // 2
     base = "unilateral pulmonary infection, one infected area, lower {} lung."
-    [right] = segment_volume(vol.array, vol.ijk_to_ras, [base.format("right")], default_model)
-    [left] = segment_volume(vol.array, vol.ijk_to_ras, [base.format("left")], default_model)
+    [right] = segment_volume(vol.array, vol.ijk_to_ras, [base.format("right")], qata_model)
+    [left] = segment_volume(vol.array, vol.ijk_to_ras, [base.format("left")], qata_model)
     assert right.model_prompt == base.format("left")          # swapped to the model's image convention
     r = right.labels[0]
     l_ = left.labels[0]
     assert r.sum() > 100 and r[:, :half].sum() > 0.8 * r.sum()
     assert l_[:, half:].sum() > 0.8 * max(1, l_.sum())
+
+
+@pytest.mark.parametrize("name", ["ssa-qata-cpu"])
+def test_cli_segments_the_shipped_sample_with_each_model(cli, name, tmp_path):
+    cid = "cxr_s11242-e20020-r1"
+    rc, out, err = cli("predict", io.sample_path(f"qata/{cid}.png"), "--model", name, "--prompt",
+                       "unilateral pulmonary infection, one infected area, lower right lung.", "--output", tmp_path,
+                       "--quiet")
+    assert rc == 0, err
+    [segment], _ = io.read_segmentation(tmp_path / f"{cid}.seg.nrrd")
+    truth = io.read_volume(io.sample_path(f"qata/{cid}_mask.png")).array > 127
+    assert dice_iou(segment.mask, truth)[0] > 0.6
