@@ -259,6 +259,7 @@ def test_trained_text_encoder_round_trip(kind, tmp_path):
     size = sum(p.stat().st_size for p in (directory / "text_encoder").rglob("*") if p.is_file())
     if kind == "lora":
         assert size < 1_000_000 and (directory / "text_encoder" / "adapter_config.json").is_file()
+        assert not (directory / "text_encoder" / "README.md").exists()  # no empty peft card
     else:
         assert size > 10_000_000  # the whole encoder
     loaded = load_pretrained(directory)

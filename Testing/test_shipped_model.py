@@ -16,8 +16,8 @@ from TextGuidedSegLib.model_store import DEFAULT_MODEL, MANIFEST, list_models, l
 SAMPLES = ["cxr_s11234-e19977-r1", "cxr_s11242-e20020-r1", "cxr_s11247-e20029-r1"]
 
 
-SHIPPED = {"tmc-qata-cpu": "tmc", "tmc-kvasir-cpu": "tmc", "ssa-qata-cpu": "ssa"}
-QATA_MODELS = ["tmc-qata-cpu", "ssa-qata-cpu"]
+SHIPPED = {"tmc-qata-cpu": "tmc", "tmc-kvasir-cpu": "tmc", "ssa-qata-cpu": "ssa", "svp-cvae-qata-cpu": "svp_cvae"}
+QATA_MODELS = ["tmc-qata-cpu", "ssa-qata-cpu", "svp-cvae-qata-cpu"]
 
 
 def test_manifest_lists_every_shipped_model():
@@ -86,7 +86,7 @@ def test_qata_models_follow_the_patients_side(qata_model):
     assert l_[:, half:].sum() > 0.8 * max(1, l_.sum())
 
 
-@pytest.mark.parametrize("name", ["ssa-qata-cpu"])
+@pytest.mark.parametrize("name", ["ssa-qata-cpu", "svp-cvae-qata-cpu"])
 def test_cli_segments_the_shipped_sample_with_each_model(cli, name, tmp_path):
     cid = "cxr_s11242-e20020-r1"
     rc, out, err = cli("predict", io.sample_path(f"qata/{cid}.png"), "--model", name, "--prompt",
@@ -96,3 +96,25 @@ def test_cli_segments_the_shipped_sample_with_each_model(cli, name, tmp_path):
     [segment], _ = io.read_segmentation(tmp_path / f"{cid}.seg.nrrd")
     truth = io.read_volume(io.sample_path(f"qata/{cid}_mask.png")).array > 127
     assert dice_iou(segment.mask, truth)[0] > 0.6
+
+
+def test_svp_cvae_uncertainty_on_the_shipped_sample(cli, tmp_path):
+    """The shipped SVP-CVAE (LoRA adapter loaded from its text_encoder/ folder) writes an uncertainty
+    volume on the input's grid, higher on the pixels its mask gets wrong than on the others."""
+    cid = "cxr_s11234-e19977-r1"
+    image = io.sample_path(f"qata/{cid}.png")
+    report = io.sample_path(f"qata/{cid}.txt").read_text(encoding="utf-8")
+    model = load_model("svp-cvae-qata-cpu")
+    assert model.config.text.adapter_path.endswith("text_encoder") and model.config.text.uses_cache
+    rc, out, err = cli("predict", image, "--model", "svp-cvae-qata-cpu", "--prompt", report, "--laterality", "image",
+                       "--output", tmp_path, "--samples", "8", "--quiet")
+    assert rc == 0, err
+    [segment], _ = io.read_segmentation(tmp_path / f"{cid}.seg.nrrd")
+    [unc_file] = sorted(tmp_path.glob(f"{cid}_*_uncertainty.nrrd"))
+    unc = io.read_volume(unc_file)
+    source = io.read_volume(image)
+    np.testing.assert_allclose(unc.ijk_to_ras, source.ijk_to_ras, atol=1e-9)
+    truth = io.read_volume(io.sample_path(f"qata/{cid}_mask.png")).array > 127
+    assert dice_iou(segment.mask, truth)[0] > 0.6
+    wrong = segment.mask != truth
+    assert unc.array[wrong].mean() > 3 * unc.array[~wrong].mean()

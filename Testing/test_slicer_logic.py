@@ -596,7 +596,7 @@ def test_icon():
     assert ICON_FILE.stat().st_size < 20_000
 
 
-@pytest.mark.parametrize("model_name", ["ssa-qata-cpu"])
+@pytest.mark.parametrize("model_name", ["ssa-qata-cpu", "svp-cvae-qata-cpu"])
 def test_shipped_model_through_logic_on_sample_xray(tgs, scene, logic, model_name):
     """A model trained here segments the shipped chest X-ray through the Slicer Logic as the engine
     does, close to the ground truth (the report in the dataset's own image-side words)."""
@@ -605,11 +605,13 @@ def test_shipped_model_through_logic_on_sample_xray(tgs, scene, logic, model_nam
     truth = read_volume(sample_path(f"qata/{cid}_mask.png")).array > 127
     report = sample_path(f"qata/{cid}.txt").read_text(encoding="utf-8")
     node = logic.addVolumeFromArray(scene, xray.array, xray.ijk_to_ras, "cxr")
-    segmentation_node = logic.process(node, [report], model_name, device="cpu", laterality="image")
+    segmentation_node = logic.process(node, [report], model_name, device="cpu", laterality="image", samples=4)
     [segment_id] = _segment_ids(segmentation_node)
+    sampling = model_name.startswith("svp")  # models that sample also get an uncertainty volume
+    assert segmentation_node.GetNumberOfNodeReferences(tgs.UNCERTAINTY_REFERENCE_ROLE) == int(sampling)
     array, _ = _export(scene, tgs, segmentation_node, segment_id, node)
     expected = segment_volume(xray.array, xray.ijk_to_ras, [report], load_model(model_name, device="cpu"),
-                              device="cpu", prompt_laterality="image")[0]
+                              device="cpu", prompt_laterality="image", samples=4 if sampling else None)[0]
     np.testing.assert_array_equal(array != 0, expected.labels != 0)
     inter = np.logical_and(array != 0, truth).sum()
     assert 2 * inter / ((array != 0).sum() + truth.sum()) > 0.6

@@ -94,6 +94,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[s
             if text_encoder.config.lora_layers and not text_encoder.config.trainable:
                 # LoRA: only the adapter (peft format); the base encoder is named in the config
                 text_encoder.model.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
+                (tmp / TEXT_ENCODER_DIR / CARD_NAME).unlink(missing_ok=True)  # peft's empty card template
                 payload["text_adapter_dir"] = TEXT_ENCODER_DIR
             else:  # a fine-tuned encoder: its own full copy
                 text_encoder.model.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
