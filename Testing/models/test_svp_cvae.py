@@ -211,3 +211,18 @@ def test_evaluate_scores_the_uncertainty(cli, tiny_svp, tmp_path, shared_data):
     assert 0.0 <= summary["uncertainty_auroc"] <= 1.0
     assert 0.0 <= summary["dice_global_confident90"] <= 1.0
     assert "AUROC for wrong pixels" in stdout
+
+
+def test_cbsm_mirror_is_the_patients_left_right_whatever_the_array_order(tiny_svp):
+    """The same anatomy stored with the i axis reversed (and IJK->RAS saying so) gets the same mask:
+    the engine shows both as the same radiological slices, so CBSM's width flip mirrors the patient's
+    left and right, not an array axis."""
+    brain = io.read_volume(io.sample_path("brain1_image.nrrd"))
+    flipped = brain.array[:, :, ::-1].copy()
+    m = brain.ijk_to_ras.copy()
+    m[:3, 3] += m[:3, 0] * (brain.array.shape[2] - 1)
+    m[:3, 0] *= -1
+    run = dict(device="cpu", samples=1, return_probability=True)
+    [a] = segment_volume(brain.array, brain.ijk_to_ras, ["tumour"], tiny_svp, **run)
+    [b] = segment_volume(flipped, m, ["tumour"], tiny_svp, **run)
+    np.testing.assert_allclose(b.probability[:, :, ::-1], a.probability, atol=1e-6)
