@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..guidance import GRID_COLS, GRID_ROWS, guidance_cells, render_guidance
+from ..guidance import guidance_cells, render_guidance
 from ..text import TextEncoder
 from ..text.hybrid import parse_report
 from .blocks import CNNEncoder, DecoderBlock, FiLM, LearnableTemperature, check_divisible, info_nce
@@ -287,4 +287,4 @@ def outside_mass(logits: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
     return (outside / prob.flatten(1).sum(1).clamp_min(1.0)).mean()
 
 
-__all__ = ["SSA", "SSAConfig", "SSAText", "sinkhorn", "outside_mass", "GRID_ROWS", "GRID_COLS"]
+__all__ = ["SSA", "SSAConfig", "SSAText", "cosine_cost", "outside_mass", "sinkhorn"]

@@ -16,7 +16,7 @@ at each scale, the upsampled decoder feature Z, the cross-modal feature F_V and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
