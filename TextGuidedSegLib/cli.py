@@ -140,14 +140,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
             # models that sample masks also give an uncertainty (variance of the sampled probabilities)
             for kind, array in (("probability", r.probability), ("uncertainty", r.uncertainty)):
                 if array is not None:
-                    write_volume(out_dir / f"{stem}_{_file_safe(n)}_{kind}.nrrd", array, vol.ijk_to_ras)
+                    write_volume(out_dir / f"{stem}_{file_safe_name(n)}_{kind}.nrrd", array, vol.ijk_to_ras)
         seconds = time.perf_counter() - start
         voxels = ", ".join(f"{n}: {int(r.labels.sum())} voxels" for n, r in zip(names, results))
         print(f"{seg_path}  ({voxels}; {seconds:.1f} s)")
     return 0
 
 
-def _file_safe(name: str) -> str:
+def file_safe_name(name: str) -> str:
     """A segment name as part of a file name: letters, digits, '-' and '_' only, at most 40 characters."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]
 

@@ -79,10 +79,6 @@ def _stem(path: Path) -> str:
     return path.stem if path.is_file() else name
 
 
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:40]
-
-
 def write_segmentation_node(segmentationNode, path: Path) -> Path:
     """Write with vtkMRMLSegmentationStorageNode to a temporary name in the same folder, then move into place."""
     import slicer
@@ -104,7 +100,7 @@ def write_segmentation_node(segmentationNode, path: Path) -> Path:
 def segment_file(logic, path: Path, args: argparse.Namespace, model) -> list[Path]:
     import slicer
     from TextGuidedSeg import PROBABILITY_REFERENCE_ROLE, SEGMENT_ID_ATTRIBUTE, UNCERTAINTY_REFERENCE_ROLE
-
+    from TextGuidedSegLib.cli import file_safe_name
     from TextGuidedSegLib.io import ImageReadError, read_volume, write_volume
 
     try:
@@ -137,7 +133,7 @@ def segment_file(logic, path: Path, args: argparse.Namespace, model) -> list[Pat
             for index in range(segmentationNode.GetNumberOfNodeReferences(role)):
                 node = segmentationNode.GetNthNodeReference(role, index)
                 segment = segmentation.GetSegment(node.GetAttribute(SEGMENT_ID_ATTRIBUTE))
-                target = out_dir / f"{_stem(path)}_{_safe(segment.GetName())}_{kind}.nrrd"
+                target = out_dir / f"{_stem(path)}_{file_safe_name(segment.GetName())}_{kind}.nrrd"
                 written.append(write_volume(target, logic.volumeArray(node), logic.ijkToRasArray(node)))
         segmentation = segmentationNode.GetSegmentation()
         names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
