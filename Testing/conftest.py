@@ -82,6 +82,32 @@ def make_tiny_svp_config(**overrides):
     return SVPCVAEConfig(**kwargs)
 
 
+def make_tiny_prolearn_config(**overrides):
+    """A ProLearn small enough for a sub-second step on one core (64 px CNN; no bank unless
+    ``num_prototypes`` is given)."""
+    from TextGuidedSegLib.models.prolearn import ProLearnConfig
+    from TextGuidedSegLib.text import TextEncoderConfig
+
+    kwargs = dict(image_size=64, encoder="cnn", cnn_channels=(4, 4, 8, 8, 8), decoder_channels=(8, 8, 4), heads=2,
+                  head_channels=4, text=TextEncoderConfig(max_length=16, dim=MINILM_DIM))
+    kwargs.update(overrides)
+    return ProLearnConfig(**kwargs)
+
+
+def make_tiny_prolearn_with_bank(num_prototypes: int = 6, seed: int = 0):
+    """A tiny ProLearn whose bank holds random (but fixed) prototypes: a text-free model."""
+    from TextGuidedSegLib.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(make_tiny_prolearn_config(num_prototypes=num_prototypes))
+    with torch.no_grad():
+        model.query_prototypes.normal_()
+        model.response_prototypes.normal_()
+        model.response_mask[:, :6] = 1.0
+        model.prototype_cluster.copy_(torch.arange(num_prototypes) % 2)
+    return model.eval()
+
+
 @pytest.fixture
 def tiny_tmc_config():
     """Factory: ``tiny_tmc_config(**overrides)`` -> a fresh small :class:`TMCConfig`."""

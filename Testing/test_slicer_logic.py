@@ -27,7 +27,7 @@ import torch
 slicer = pytest.importorskip("slicer", reason="PyPI slicer-core is needed for the Slicer logic tests")
 import vtk  # noqa: E402  (slicer-core brings vtk)
 
-from conftest import make_tiny_svp_config, make_tiny_tmc_config  # noqa: E402
+from conftest import make_tiny_prolearn_with_bank, make_tiny_svp_config, make_tiny_tmc_config  # noqa: E402
 from TextGuidedSegLib.checkpoint import save_pretrained  # noqa: E402
 from TextGuidedSegLib.engine import SegmentationCancelled, segment_volume  # noqa: E402
 from TextGuidedSegLib.io import read_segmentation, read_volume, sample_path, write_volume  # noqa: E402
@@ -298,6 +298,29 @@ def test_process_with_a_sampling_model(tgs, scene, logic, volume_node, brain1, t
     tmc_dir = save_pretrained(build_model(make_tiny_tmc_config()).eval(), tmp_path / "tiny-tmc")
     node = logic.process(volume_node, ["tumour"], str(tmc_dir), device="cpu", samples=3)
     assert node.GetNumberOfNodeReferences(tgs.UNCERTAINTY_REFERENCE_ROLE) == 0
+
+
+def test_text_free_model_runs_without_a_prompt(tgs, scene, logic, volume_node, brain1, tiny_model_dir, tmp_path):
+    """An empty prompt list is accepted for text-free models (ProLearn) only: one segment named
+    'segmentation', voxel for voxel the engine's; a text-guided model refuses and writes nothing."""
+    model_dir = save_pretrained(make_tiny_prolearn_with_bank(), tmp_path / "tiny-prolearn")
+    assert logic.modelIsTextFree(str(model_dir))
+    assert not logic.modelIsTextFree(str(tiny_model_dir)) and not logic.modelIsTextFree(None)
+    loaded = load_model(str(model_dir), device="cpu")
+    probe = segment_volume(brain1.array, brain1.ijk_to_ras, None, loaded, device="cpu", return_probability=True)[0]
+    threshold = float(np.median(probe.probability))
+    node = logic.process(volume_node, "", str(model_dir), device="cpu", threshold=threshold)
+    [segment_id] = _segment_ids(node)
+    segment = node.GetSegmentation().GetSegment(segment_id)
+    assert segment.GetName() == "segmentation" and (_tag(segment, tgs.PROMPT_TAG) or "") == ""
+    array, _ = _export(scene, tgs, node, segment_id, volume_node)
+    expected = segment_volume(brain1.array, brain1.ijk_to_ras, None, loaded, device="cpu", threshold=threshold)[0]
+    assert 0.05 < expected.labels.mean() < 0.95
+    np.testing.assert_array_equal(array != 0, expected.labels != 0)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="needs a text prompt"):
+        logic.process(volume_node, [], str(tiny_model_dir), device="cpu")
+    assert scene.GetNumberOfNodes() == before
 
 
 def test_write_results_is_all_or_nothing(scene, logic, volume_node, reference, monkeypatch):

@@ -420,9 +420,13 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None or not p.inputVolume:
             self.ui.applyButton.toolTip = _("Select an input volume.")
             self.ui.applyButton.enabled = False
-        elif not prompts:
+        elif not prompts and not self.logic.modelIsTextFree(p.modelName or None):
             self.ui.applyButton.toolTip = _("Type at least one prompt (one per line).")
             self.ui.applyButton.enabled = False
+        elif not prompts:
+            self.ui.applyButton.toolTip = _("No prompt: {model} segments without text (a text-free model).").format(
+                model=p.modelName)
+            self.ui.applyButton.enabled = True
         elif p.modelName in self._modelsToDownload:
             self.ui.applyButton.toolTip = _("Download model {model}, then segment {n} prompt(s).").format(
                 model=p.modelName, n=len(prompts))
@@ -541,8 +545,9 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         self.logic.setupPythonRequirements(interactive=True)
         prompts = TextGuidedSegLogic.parsePrompts(p.prompts)
-        if not prompts:
-            raise ValueError(_("type at least one prompt (one per line)"))
+        if not prompts and not self.logic.modelIsTextFree(p.modelName or None):
+            raise ValueError(_("type at least one prompt (one per line); only text-free models (ProLearn) "
+                               "segment without one"))
         volumeNode = p.inputVolume
         # Copied on the main thread: the worker never reads the scene.
         array = TextGuidedSegLogic.volumeArray(volumeNode)
@@ -817,6 +822,23 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
             return []
         lines = prompts.splitlines() if isinstance(prompts, str) else list(prompts)
         return [" ".join(str(line).split()) for line in lines if str(line).strip()]
+
+    @staticmethod
+    def modelIsTextFree(model=None) -> bool:
+        """True when ``model`` (a name or directory; None: the default model) segments without a prompt
+        (ProLearn). Read from the manifest or the model's config.json: nothing is loaded."""
+        from TextGuidedSegLib.model_store import DEFAULT_MODEL, list_models, resolve_model
+
+        if model is not None and not isinstance(model, str):  # a LoadedModel
+            return not getattr(model.model, "requires_text", True)
+        name = model or DEFAULT_MODEL
+        for entry in list_models():
+            if entry.name == name:
+                return entry.text_free
+        try:
+            return resolve_model(name).text_free
+        except Exception:  # unknown model: loading it reports the problem
+            return False
 
     @staticmethod
     def modelNeedsDownload(model=None) -> bool:

@@ -169,16 +169,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cases = cases[: args.limit]
     device = select_device(args.device)
     model = load_model(args.model, device=device)
+    if args.no_prompt and getattr(model.model, "requires_text", True):
+        raise UserError(f"model '{model.name}' needs the reports as prompts; --no-prompt is for text-free models "
+                        "(ProLearn)")
     with tqdm(total=len(cases), desc=f"evaluate {args.dataset}/{args.split}", unit="case", disable=args.quiet,
               file=sys.stderr) as bar:
         summary = evaluate_cases(model, cases, save_predictions=args.save_predictions, per_case_csv=args.per_case_csv,
                                  distances=not args.no_distances, device=device, samples=args.samples,
-                                 seed=args.seed,
+                                 seed=args.seed, use_text=not args.no_prompt,
                                  progress=lambda n, total: bar.update(n - bar.n))
-    summary = {"model": model.name, "dataset": args.dataset, "split": args.split, **summary}
+    summary = {"model": model.name, "dataset": args.dataset, "split": args.split, "prompts": not args.no_prompt,
+               **summary}
     if args.json:
         Path(args.json).write_text(encoding="utf-8", data=json.dumps(summary, indent=2) + "\n")
-    print(f"model {model.name} on {args.dataset}/{args.split} ({summary['cases']} cases)")
+    print(f"model {model.name} on {args.dataset}/{args.split} ({summary['cases']} cases"
+          f"{', text-free: no prompt' if args.no_prompt else ''})")
     print(f"  Dice global (pooled pixels): {summary['dice_global']:.4f}")
     print(f"  Dice per-image (mean):       {summary['dice_per_image']:.4f}")
     print(f"  IoU global / per-image:      {summary['iou_global']:.4f} / {summary['iou_per_image']:.4f}")
@@ -288,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models that sample masks (SVP-CVAE): samples per case (default: the model's); "
                         "adds the uncertainty scores (AUROC for wrong pixels, Dice without the 10 %% most uncertain)")
     e.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    e.add_argument("--no-prompt", action="store_true",
+                   help="text-free models (ProLearn): segment with no prompt; the reports still pick the "
+                        "one-sided cases of the laterality error rate")
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(func=cmd_evaluate)

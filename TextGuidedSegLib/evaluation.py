@@ -33,13 +33,15 @@ IMAGE_IJK_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def evaluate_cases(model: LoadedModel, cases: Sequence[SegmentationCase], *, save_predictions: str | Path | None = None,
                    per_case_csv: str | Path | None = None, distances: bool = True, device: str | None = None,
-                   threshold: float = 0.5, samples: int | None = None, seed: int = 0,
+                   threshold: float = 0.5, samples: int | None = None, seed: int = 0, use_text: bool = True,
                    progress: Callable[[int, int], None] | None = None,
                    cancel: threading.Event | None = None) -> dict[str, float]:
     """Both Dice conventions, IoU, HD95, ASD (pixels), slices/s over ``cases``, and the laterality
     error rate over the cases whose text names one side only (see :mod:`TextGuidedSegLib.metrics`).
     Models that sample masks (``samples`` > 1) are also scored on how well their uncertainty
-    flags their errors (:class:`TextGuidedSegLib.metrics.UncertaintyScores`)."""
+    flags their errors (:class:`TextGuidedSegLib.metrics.UncertaintyScores`).
+    ``use_text=False`` runs a text-free model (ProLearn) with no prompt; the cases' reports still
+    decide which cases count for the laterality error rate."""
     if not cases:
         raise ValueError("no cases to evaluate")
     pred_dir = Path(save_predictions) if save_predictions else None
@@ -53,7 +55,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[SegmentationCase], *, sav
         image = read_grey(case.image_path)
         truth = read_mask(case.mask_path)
         start = time.perf_counter()
-        result = segment_volume(image, IMAGE_IJK_TO_RAS, [case.text] if case.text else None, model,
+        result = segment_volume(image, IMAGE_IJK_TO_RAS, [case.text] if case.text and use_text else None, model,
                                 batch_size=1, threshold=threshold, device=device,
                                 prompt_laterality=case.laterality, samples=samples, seed=seed, cancel=cancel)[0]
         engine_seconds += time.perf_counter() - start

@@ -59,6 +59,7 @@ class ModelEntry:
     url: str | None = None
     size: int | None = None
     archive: str = ""
+    text_free: bool = False  # segments without a prompt (ProLearn); the widget allows an empty prompt box
 
 
 def cache_dir() -> Path:
@@ -77,7 +78,7 @@ def manifest_entries() -> list[ModelEntry]:
         entries.append(ModelEntry(item["name"], path, "shipped" if path else "manifest", item.get("model_type", ""),
                                   item.get("sha256"), item.get("description", ""), item.get("licence", ""),
                                   version=item.get("version", ""), url=item.get("url"), size=item.get("size"),
-                                  archive=item.get("archive", "")))
+                                  archive=item.get("archive", ""), text_free=bool(item.get("text_free", False))))
     return entries
 
 
@@ -122,7 +123,8 @@ def list_models() -> list[ModelEntry]:
             except CheckpointError:
                 continue
             entries.append(ModelEntry(d.name, d, "cache", cfg.get("model_type", ""),
-                                      description=cfg.get("metadata", {}).get("name", "")))
+                                      description=cfg.get("metadata", {}).get("name", ""),
+                                      text_free=bool(cfg.get("config", {}).get("text_free", False))))
     return entries
 
 
@@ -131,7 +133,11 @@ def resolve_model(name_or_path: str | None) -> ModelEntry:
     name_or_path = name_or_path or DEFAULT_MODEL
     path = Path(name_or_path)
     if path.is_dir():
-        return ModelEntry(path.name, path, "path")
+        try:
+            text_free = bool(read_config(path).get("config", {}).get("text_free", False))
+        except CheckpointError:
+            text_free = False  # load_model reports what is wrong with the directory
+        return ModelEntry(path.name, path, "path", text_free=text_free)
     for entry in list_models():
         if entry.name == name_or_path:
             if entry.path is None:

@@ -237,10 +237,12 @@ def model_card(cfg: dict[str, Any], best: dict[str, Any], engine: dict[str, Any]
     """The model directory's README: data, split, both Dice figures, command, time, hardware."""
     m, d = cfg["model"], cfg["data"]
     val = d.get("val_split", "val")
+    text_free = bool(m.get("num_prototypes"))  # ProLearn with a bank: scored with no prompt
+    how = "`textguidedseg evaluate --no-prompt` (text-free)" if text_free else "`textguidedseg evaluate`"
     rows = ""
     if engine is not None:
-        rows = (f"| {val} Dice, global (pooled over all pixels), `textguidedseg evaluate` | **{engine['dice_global']:.4f}** |\n"
-                f"| {val} Dice, per-image mean, `textguidedseg evaluate` | **{engine['dice_per_image']:.4f}** |\n"
+        rows = (f"| {val} Dice, global (pooled over all pixels), {how} | **{engine['dice_global']:.4f}** |\n"
+                f"| {val} Dice, per-image mean, {how} | **{engine['dice_per_image']:.4f}** |\n"
                 f"| {val} IoU, global / per-image | {engine['iou_global']:.4f} / {engine['iou_per_image']:.4f} |\n"
                 f"| {val} cases scored | {engine['cases']} |\n")
         rows += (f"| {val} HD95 / ASD (pixels, mean over {engine['distance_cases']} cases with both masks non-empty) | "
@@ -276,7 +278,7 @@ the training rows come from the in-memory validation of the training loop (input
 Re-check with:
 
 ```
-textguidedseg evaluate --model <this directory> --dataset {d['kind']} --data-root {d['root']} --split {val} --save-predictions preds/
+textguidedseg evaluate --model <this directory> --dataset {d['kind']} --data-root {d['root']} --split {val} {'--no-prompt ' if text_free else ''}--save-predictions preds/
 ```
 
 Training command:
@@ -305,7 +307,9 @@ def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg
     if cfg["train"]["final_engine_eval"]:
         loaded = LoadedModel(model=best_model, config=model_cfg, metadata={"name": cfg.get("name", "")},
                              _text_encoder=text_encoder)
-        engine = evaluate_cases(loaded, val_cases, distances=True, device=str(device))
+        # a text-free model is scored as users run it: no text (the reports still give laterality)
+        use_text = not getattr(best_model, "trains_without_text", False)
+        engine = evaluate_cases(loaded, val_cases, distances=True, device=str(device), use_text=use_text)
         logger.info("engine evaluation on %d validation cases: global Dice %.4f, per-image Dice %.4f",
                     engine["cases"], engine["dice_global"], engine["dice_per_image"])
     hardware = state.get("hardware") or "unknown"
@@ -313,6 +317,8 @@ def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg
     n_params = sum(p.numel() for p in best_model.parameters())
     card = model_card(cfg, state["best"], engine, command, state["wall_s"], hardware, n_params)
     export = cfg.get("export", {}) or {}
+    if (out / "psa" / "psa.json").is_file():
+        card += psa_card_section(json.loads((out / "psa" / "psa.json").read_text(encoding="utf-8")), model_cfg)
     if export.get("notes"):  # hand-written design notes / ablations, kept in git beside the configs
         card += "\n" + (REPO / export["notes"]).read_text(encoding="utf-8")
     export_dir = Path(export.get("dir", out / "model"))
@@ -332,6 +338,110 @@ def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg
                     text_encoder=text_encoder)
     logger.info("best model (epoch %d) written to %s", state["best"]["epoch"], export_dir)
     return export_dir
+
+
+# ----------------------------------------------------------------------------- ProLearn's PSA
+def prepare_prototypes(cfg: dict[str, Any], out: Path, train_cases: list, device: torch.device) -> Any:
+    """One-time PSA initialisation (``psa`` section of the config), cached in ``<output_dir>/psa``.
+
+    Chooses the paired subset (``data.text_fraction``, seeded, written to ``text_split.json``),
+    trains the token-relevance model on it (same architecture, no bank; ``<output_dir>/relevance``),
+    then builds the bank from it (see ``Training/psa.py``).
+    """
+    import copy
+
+    if str(REPO / "Training") not in sys.path:  # psa.py lives beside this script
+        sys.path.insert(0, str(REPO / "Training"))
+    from psa import PrototypeBank, build_bank, choose_paired
+
+    psa_cfg = cfg["psa"]
+    bank_file, info_file = out / "psa" / "bank.safetensors", out / "psa" / "psa.json"
+    if bank_file.is_file() and info_file.is_file():
+        t = load_file(str(bank_file))
+        return PrototypeBank(t["query_prototypes"], t["response_prototypes"], t["response_mask"],
+                             t["prototype_cluster"], json.loads(info_file.read_text(encoding="utf-8")))
+    data = cfg["data"]
+    fraction, seed = float(data.get("text_fraction", 1.0)), int(cfg["train"]["seed"])
+    paired = choose_paired([c.case_id for c in train_cases], fraction, seed)
+    split_file = out / "text_split.json"
+    split_file.write_text(encoding="utf-8", data=json.dumps(
+        {"text_fraction": fraction, "seed": seed, "train_cases": len(train_cases), "paired": paired}, indent=1))
+    logger.info("PSA: %d of %d training cases keep their report (text_fraction %s, seed %d)",
+                len(paired), len(train_cases), fraction, seed)
+
+    rel = copy.deepcopy({k: v for k, v in cfg.items() if k not in ("psa", "config_path")})
+    rel["name"] = f"{cfg.get('name', 'prolearn')}_relevance"
+    rel["output_dir"] = str(out / "relevance")
+    rel["model"]["num_prototypes"] = 0
+    rel["data"] = {**{k: v for k, v in data.items() if k != "text_fraction"}, "train_cases_file": str(split_file)}
+    rel["train"] = {**cfg["train"], "final_engine_eval": False, **(psa_cfg.get("relevance_train") or {})}
+    rel["export"] = {"dir": str(out / "relevance" / "model")}
+    rel_file = out / "relevance.yaml"
+    rel_file.write_text(encoding="utf-8", data=yaml.safe_dump(rel, sort_keys=False))
+    logger.info("PSA: training the token-relevance model on the paired subset (%s)", rel_file)
+    rel_result = main(["--config", str(rel_file)])
+
+    rel_cfg = config_from_dict(rel["model"])
+    encoder = TextEncoder(rel_cfg.text).to(device)
+    relevance = build_model(rel_cfg).to(device)
+    relevance.load_state_dict(load_file(str(out / "relevance" / "best" / "model.safetensors")))
+    by_id = {c.case_id: c for c in train_cases}
+    cases = [by_id[i] for i in paired]
+    images = PreloadedDataset(cases, rel_cfg.image_size, rel_cfg.intensity, rel_cfg.in_channels).images
+    bank = build_bank(relevance, encoder, images, [c.case_id for c in cases], [c.text for c in cases],
+                      per_cluster=int(psa_cfg.get("prototypes_per_cluster", rel_cfg.prototypes_per_cluster)),
+                      relevance_threshold=float(psa_cfg.get("relevance_threshold", 1.0)),
+                      min_cluster_size=min_cluster_size(psa_cfg.get("min_cluster_size", 0.05), len(paired)),
+                      min_samples=psa_cfg.get("min_samples"), seed=seed)
+    bank.info.update({"text_fraction": fraction, "train_cases": len(train_cases),
+                      "relevance_model": {"best": rel_result["best"], "epochs": rel_result["epochs"]}})
+    bank_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(bank.tensors(), str(bank_file))
+    info_file.write_text(encoding="utf-8", data=json.dumps(bank.info, indent=1))
+    logger.info("PSA: %d surrogate groups (sizes %s) -> %d prototypes", bank.info["surrogate_groups"],
+                bank.info["group_sizes"], bank.query.shape[0])
+    return bank
+
+
+def min_cluster_size(setting: float, paired: int) -> int:
+    """HDBSCAN's min_cluster_size: a count, or (below 1) a fraction of the paired cases, so 1 % and
+    50 % text give comparable numbers of surrogate groups (and a bank of bounded size)."""
+    return max(2, int(round(setting * paired))) if setting < 1 else int(setting)
+
+
+def init_from_relevance_model(model: torch.nn.Module, out: Path, bank: Any) -> None:
+    """Start ProLearn from the relevance model's weights (so the query prototypes, which are its
+    image features, live in the encoder's space) and the bank PSA built."""
+    weights = load_file(str(out / "relevance" / "best" / "model.safetensors"))
+    own = model.state_dict()
+    weights = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    weights.update({k: v.to(own[k].dtype) for k, v in bank.tensors().items()})
+    missing = set(own) - set(weights)
+    if missing:
+        raise SystemExit(f"relevance model and ProLearn differ: {sorted(missing)[:5]}")
+    model.load_state_dict(weights)
+
+
+def psa_card_section(info: dict[str, Any], model_cfg: Any) -> str:
+    """Model-card lines: how the prototype bank was made (settings, groups, examples)."""
+    rel = info.get("relevance_model", {}).get("best") or {}
+    lines = ["", "## Prototype bank (PSA initialisation)", "",
+             f"- paired subset: {info['paired_cases']} of {info.get('train_cases', '?')} training cases keep their "
+             f"report (text_fraction {info.get('text_fraction')}, seed {info['seed']}; ids in `text_split.json` of the run)",
+             f"- token-relevance model (same architecture, no bank, trained on the paired subset only): validation Dice "
+             f"global {rel.get('dice_global', float('nan')):.4f} / per-image {rel.get('dice_per_image', float('nan')):.4f} "
+             f"(with reports)",
+             f"- shortened sentences: words with >= {info['relevance_threshold']} x the uniform share of the guide "
+             f"stages' cross-attention",
+             f"- HDBSCAN (min_cluster_size {info['min_cluster_size']}, min_samples {info['min_samples']}): "
+             f"{info['surrogate_groups']} surrogate groups, sizes {info['group_sizes']} (noise, if any, is the last group)",
+             f"- k-means M = {info['prototypes_per_cluster']} per group on image features -> "
+             f"{len(info['prototypes'])} prototypes (samples nearest the centroids); top-k = {model_cfg.top_k}, "
+             f"softmax temperature {model_cfg.query_temperature}",
+             "", "| group | size | most common shortened sentences |", "|---|---|---|"]
+    for g, (size, sentences) in enumerate(zip(info["group_sizes"], info["group_sentences"])):
+        lines.append(f"| {g} | {size} | {'; '.join(repr(s) for s in sentences)} |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- main
@@ -355,11 +465,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
 
-    torch.manual_seed(t["seed"])
-    model_cfg = config_from_dict(cfg["model"])
-    text_encoder = TextEncoder(model_cfg.text).to(device)  # loaded first: it fixes config.text.dim
-    model = build_model(model_cfg).to(device)
-
     data = cfg["data"]
     options = data.get("options", {}) or {}
     train_cases = read_dataset(data["kind"], data["root"], data.get("train_split", "train"), **options)
@@ -368,6 +473,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_cases = train_cases[: t["max_train_cases"]]
     if t["max_val_cases"]:
         val_cases = val_cases[: t["max_val_cases"]]
+    if data.get("train_cases_file"):  # e.g. ProLearn's token-relevance model: the paired subset only
+        keep = set(json.loads(Path(data["train_cases_file"]).read_text(encoding="utf-8"))["paired"])
+        train_cases = [c for c in train_cases if c.case_id in keep]
+        if not train_cases:
+            raise SystemExit(f"no training case of {data['train_cases_file']} is in the dataset")
+
+    torch.manual_seed(t["seed"])
+    bank = None
+    if cfg.get("psa") and rank == 0:
+        bank = prepare_prototypes(cfg, out, train_cases, device)
+        cfg["model"]["num_prototypes"] = int(bank.query.shape[0])
+    elif cfg.get("psa"):
+        raise SystemExit("PSA initialisation runs in one process; run it once without torchrun first")
+    model_cfg = config_from_dict(cfg["model"])
+    text_encoder = TextEncoder(model_cfg.text).to(device)  # loaded first: it fixes config.text.dim
+    torch.manual_seed(t["seed"])
+    model = build_model(model_cfg).to(device)
+    if bank is not None:
+        init_from_relevance_model(model, out, bank)
+    elif hasattr(model, "load_pretrained_backbone") and not (out / "last").is_dir():
+        model.load_pretrained_backbone()
     for c in train_cases + val_cases:
         if c.laterality != model_cfg.laterality:
             raise SystemExit(f"dataset laterality {c.laterality!r} differs from the model's {model_cfg.laterality!r}")
@@ -378,7 +504,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_ds = PreloadedDataset(val_cases, model_cfg.image_size, model_cfg.intensity, model_cfg.in_channels,
                               keep_native_masks=True) if rank == 0 else None
 
-    if getattr(model, "encode_text", None) is not None:
+    if getattr(model, "trains_without_text", False):
+        # ProLearn after PSA initialisation: training and validation read no text at all
+        def text_for(batch_texts: list[str]) -> None:
+            return None
+    elif getattr(model, "encode_text", None) is not None:
         # the model reads more than TextFeatures (e.g. SSA's parsed expressions); it caches frozen
         # encoders' vectors per string itself
         def text_for(batch_texts: list[str]) -> Any:
