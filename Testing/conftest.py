@@ -108,6 +108,41 @@ def make_tiny_prolearn_with_bank(num_prototypes: int = 6, seed: int = 0):
     return model.eval()
 
 
+def make_tiny_clip_dir(path):
+    """A random tiny CLIP (transformers CLIPModel; MiniLM's WordPiece tokenizer) saved as a model
+    directory: what Training/pretrain_clip.py writes, in miniature."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    from TextGuidedSegLib.text.encoder import resolve_text_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_model_path("packaged:all-MiniLM-L6-v2"))
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=16, hidden_size=16,
+                         num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                         eos_token_id=tokenizer.sep_token_id),
+        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           image_size=32, patch_size=8),
+        projection_dim=8))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_tiny_tgcnet_config(clip_dir, **overrides):
+    """A TGC-Net on a tiny CLIP: 64 px, 8-d, one deformable layer."""
+    from TextGuidedSegLib.models.tgcnet import TGCNetConfig
+    from TextGuidedSegLib.text import TextEncoderConfig
+
+    kwargs = dict(image_size=64, clip_name_or_path=str(clip_dir), cnn_channels=(4, 4, 8, 8, 8), dim=8, heads=2,
+                  deform_layers=1, deform_heads=2, deform_points=2, cost_channels=4,
+                  text=TextEncoderConfig(name_or_path=str(clip_dir), backend="clip", pooling="eos", max_length=16,
+                                         dim=16))
+    kwargs.update(overrides)
+    return TGCNetConfig(**kwargs)
+
+
 @pytest.fixture
 def tiny_tmc_config():
     """Factory: ``tiny_tmc_config(**overrides)`` -> a fresh small :class:`TMCConfig`."""

@@ -157,3 +157,19 @@ def test_prolearn_pipeline_through_train_script(shared_data, tmp_path):
     bank_mtime = (out / "psa" / "bank.safetensors").stat().st_mtime_ns
     train.main(["--config", str(path), "--set", "train.epochs=3"])                 # resume: one more epoch
     assert (out / "psa" / "bank.safetensors").stat().st_mtime_ns == bank_mtime
+
+
+def test_config_typos_are_refused(tmp_path):
+    import yaml
+
+    train = _load("textguidedseg_train_cfg", REPO / "Training" / "train.py")
+    base = yaml.safe_load((REPO / "Training" / "configs" / "prolearn_qata_cpu.yaml").read_text(encoding="utf-8"))
+    for change, message in ((("psa", "min_cluster", 3), "unknown psa settings"),
+                            (("data", "text_fraction", 0), "text_fraction must be in"),
+                            (("psa", "relevance_train", {"epoch": 3}), "unknown psa.relevance_train")):
+        cfg = yaml.safe_load(yaml.safe_dump(base))
+        cfg[change[0]][change[1]] = change[2]
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        with pytest.raises(SystemExit, match=message):
+            train.load_config(path, [])

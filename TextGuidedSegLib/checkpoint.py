@@ -49,6 +49,14 @@ class LoadedModel:
     path: Path | None = None
     _text_encoder: TextEncoder | None = None
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable vs frozen parameters of the image model, and the text encoder's (frozen unless
+        it was fine-tuned; a LoRA encoder counts its merged weights)."""
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+        text = sum(p.numel() for p in self.text_encoder.parameters())
+        return {"image_model_trainable": trainable, "image_model_frozen": frozen, "text_encoder": text}
+
     @property
     def text_encoder(self) -> TextEncoder:
         """Loaded on first use (text-free models never pay for it)."""
@@ -90,7 +98,16 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[s
     os.umask(umask)
     try:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        if text_encoder is not None and not text_encoder.config.uses_cache:
+        local_frozen = (text_encoder is not None and text_encoder.config.uses_cache
+                        and not text_encoder.config.adapter_path
+                        and Path(text_encoder.config.name_or_path).is_dir())
+        if local_frozen:
+            # a frozen encoder from a local directory (e.g. the CLIP pre-trained for TGC-Net): copy it, so
+            # the model directory works on another machine
+            text_encoder.model.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
+            text_encoder.tokenizer.save_pretrained(tmp / TEXT_ENCODER_DIR)
+            payload["text_encoder_dir"] = TEXT_ENCODER_DIR
+        elif text_encoder is not None and not text_encoder.config.uses_cache:
             if text_encoder.config.lora_layers and not text_encoder.config.trainable:
                 # LoRA: only the adapter (peft format); the base encoder is named in the config
                 text_encoder.model.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)

@@ -212,7 +212,12 @@ def cmd_models(args: argparse.Namespace) -> int:
             print("no models installed")
         print(f"(user cache: {cache_dir()})")
     elif args.action == "info":
-        print(json.dumps(describe(resolve_model(args.target)), indent=2))
+        from .model_store import load_model
+
+        entry = resolve_model(args.target)
+        info = describe(entry)
+        info["parameters"] = load_model(str(entry.path)).parameter_counts()
+        print(json.dumps(info, indent=2))
     elif args.action == "import":
         if not args.target:
             raise UserError("models import needs a PATH (a model directory or .zip)")

@@ -65,6 +65,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
+PSA_SETTINGS = {"relevance_threshold", "min_cluster_size", "min_samples", "prototypes_per_cluster", "relevance_train"}
+
+
 # ----------------------------------------------------------------------------- configuration
 def load_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     """YAML config + ``key.sub=value`` overrides (values parsed as YAML: numbers, lists, null)."""
@@ -85,6 +88,16 @@ def load_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     for section in ("model", "data", "output_dir"):
         if section not in cfg:
             raise SystemExit(f"config {path} has no '{section}' section")
+    if cfg.get("psa") is not None:  # ProLearn's one-time prototype-bank initialisation
+        unknown = set(cfg["psa"]) - PSA_SETTINGS
+        if unknown:
+            raise SystemExit(f"unknown psa settings {sorted(unknown)}; known: {sorted(PSA_SETTINGS)}")
+        unknown = set(cfg["psa"].get("relevance_train") or {}) - set(TRAIN_DEFAULTS)
+        if unknown:
+            raise SystemExit(f"unknown psa.relevance_train settings {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
+    fraction = cfg["data"].get("text_fraction", 1.0)
+    if not 0 < float(fraction) <= 1:
+        raise SystemExit(f"data.text_fraction must be in (0, 1], got {fraction}")
     return cfg
 
 
@@ -504,6 +517,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_ds = PreloadedDataset(val_cases, model_cfg.image_size, model_cfg.intensity, model_cfg.in_channels,
                               keep_native_masks=True) if rank == 0 else None
 
+    if hasattr(model, "prepare_training_texts"):
+        # e.g. TGC-Net's auxiliary prompts: generated once, stored beside the data (data.auxiliary_dir)
+        stored = model.prepare_training_texts([c.text for c in train_cases + val_cases],
+                                              data.get("auxiliary_dir") or data["root"])
+        logger.info("auxiliary prompts: %s", stored)
     if getattr(model, "trains_without_text", False):
         # ProLearn after PSA initialisation: training and validation read no text at all
         def text_for(batch_texts: list[str]) -> None:

@@ -134,3 +134,73 @@ def check_divisible(image: torch.Tensor, multiple: int, model: str) -> None:
         ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
         raise ValueError(f"{model} needs height and width divisible by {multiple}, got {h}x{w}; "
                          f"resize or pad to {ph}x{pw}")
+
+
+def ms_deform_attn(value: torch.Tensor, shapes: list[tuple[int, int]], locations: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """Multi-scale deformable attention (Deformable DETR's core) in plain PyTorch (``grid_sample``).
+
+    Args:
+        value: ``[B, S, heads, d]``, the levels' pixels flattened and concatenated (S = sum H_l W_l).
+        shapes: ``[(H_l, W_l)]`` of the levels, in the order of ``value``.
+        locations: ``[B, Q, heads, levels, points, 2]`` sampling points as (x, y) in [0, 1] of each
+            level (0 = the left / top edge, 1 = the right / bottom edge; pixel centres at (i + 0.5) / W).
+        weights: ``[B, Q, heads, levels, points]`` attention weights (softmax over levels x points).
+
+    Returns ``[B, Q, heads * d]``: per query and head, the weighted sum of bilinearly sampled values
+    (zero outside the map). Runs on CPU and GPU alike; no compiled kernel.
+    """
+    b, _, heads, d = value.shape
+    q, levels, points = locations.shape[1], locations.shape[3], locations.shape[4]
+    splits = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2.0 * locations - 1.0
+    sampled_all = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = splits[lvl].permute(0, 2, 3, 1).reshape(b * heads, d, h, w)
+        grid = grids[:, :, :, lvl].transpose(1, 2).reshape(b * heads, q, points, 2)
+        sampled_all.append(F.grid_sample(v, grid.to(v.dtype), mode="bilinear", padding_mode="zeros",
+                                         align_corners=False))                        # [B*heads, d, Q, P]
+    sampled = torch.cat(sampled_all, dim=-1)                                            # [B*heads, d, Q, L*P]
+    w = weights.transpose(1, 2).reshape(b * heads, 1, q, levels * points).to(sampled.dtype)
+    out = (sampled * w).sum(dim=-1)                                                     # [B*heads, d, Q]
+    return out.reshape(b, heads, d, q).permute(0, 3, 1, 2).reshape(b, q, heads * d)
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Each query looks at ``points`` learned offsets around its reference point on every level.
+
+    ``forward(query [B, Q, C], reference [B, Q, 2] in [0, 1], value [B, S, C], shapes)``. Offsets
+    are in units of each level's pixels; weights are a softmax over levels x points per head.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, levels: int = 3, points: int = 4) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"deformable attention dim {dim} is not divisible by heads {heads}")
+        self.heads, self.levels, self.points = heads, levels, points
+        self.offsets = nn.Linear(dim, heads * levels * points * 2)
+        self.attention = nn.Linear(dim, heads * levels * points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        # Deformable DETR's start: offsets point in `heads` evenly spread directions, growing with the point index
+        nn.init.zeros_(self.offsets.weight)
+        angles = torch.arange(heads, dtype=torch.float32) * (2 * math.pi / heads)
+        grid = torch.stack([angles.cos(), angles.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid[:, None, None, :].repeat(1, levels, points, 1)
+        grid = grid * torch.arange(1, points + 1, dtype=torch.float32)[None, None, :, None]
+        with torch.no_grad():
+            self.offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention.weight)
+        nn.init.zeros_(self.attention.bias)
+
+    def forward(self, query: torch.Tensor, reference: torch.Tensor, value: torch.Tensor,
+                shapes: list[tuple[int, int]]) -> torch.Tensor:
+        b, q, _ = query.shape
+        v = self.value_proj(value).reshape(b, value.shape[1], self.heads, -1)
+        offsets = self.offsets(query).reshape(b, q, self.heads, self.levels, self.points, 2)
+        normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
+        locations = reference[:, :, None, None, None, :] + offsets / normaliser[None, None, None, :, None, :]
+        weights = self.attention(query).reshape(b, q, self.heads, self.levels * self.points).softmax(-1)
+        weights = weights.reshape(b, q, self.heads, self.levels, self.points)
+        return self.out_proj(ms_deform_attn(v, shapes, locations, weights))
