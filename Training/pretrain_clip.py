@@ -6,7 +6,7 @@ no CLIP weights are reachable here, so the CPU configuration first trains a smal
 training image-report pairs and saves it as a standard ``transformers`` CLIP directory, which
 TGC-Net then loads exactly as it would load ``openai/clip-vit-large-patch14-336``::
 
-    python Training/pretrain_clip.py --config Training/configs/clip_small_cpu.yaml
+    python Training/pretrain_clip.py --config Training/configs/clip/clip_small_cpu.yaml
 
 - Towers from ``transformers`` ``CLIPVisionConfig`` / ``CLIPTextConfig`` (sizes in the config), the
   text tower on the offline MiniLM WordPiece tokenizer (its [SEP] is CLIP's end token).
