@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment images / volumes, one segment per prompt, write .seg.nrrd")
     p.add_argument("inputs", nargs="+", help="image or volume files, directories, DICOM series folders, @list.txt")
-    p.add_argument("--prompt", action="append", help="what to segment; repeat for several segments")
+    p.add_argument("--prompt", action="append",
+                   help="what to segment; repeat for several segments (leave out for text-free models: ProLearn)")
     p.add_argument("--output", "-o", required=True, help="output directory (<input>.seg.nrrd is written there)")
     p.add_argument("--model", "-m", default=None, help="model name or directory (default: the shipped default)")
     p.add_argument("--threshold", type=float, default=0.5)

@@ -44,11 +44,10 @@ from TextGuidedSegLib.data import read_dataset  # noqa: E402
 from TextGuidedSegLib.data.dataset import PreloadedDataset  # noqa: E402
 from TextGuidedSegLib.models.blocks import info_nce  # noqa: E402
 from TextGuidedSegLib.models.config import IntensityConfig  # noqa: E402
+from TextGuidedSegLib.models.tgcnet import CLIP_MEAN, CLIP_STD  # noqa: E402  (what TGC-Net feeds its tower)
 from TextGuidedSegLib.text.encoder import resolve_text_model_path  # noqa: E402
 
 logger = logging.getLogger("pretrain_clip")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULTS = {"epochs": 20, "batch_size": 64, "lr": 5e-4, "weight_decay": 0.1, "warmup_epochs": 1, "seed": 0,
             "max_time_minutes": None, "max_train_cases": None, "max_val_cases": None}
 

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", "-i", action="append", required=True,
                         help="image / volume file, folder, DICOM series folder or @list.txt (repeatable)")
     parser.add_argument("--prompt", "-p", action="append", default=[],
-                        help="what to segment; repeat for several segments")
+                        help="what to segment; repeat for several segments (leave out for text-free models: ProLearn)")
     parser.add_argument("--output", "-o", required=True, help="output folder (<stem>.seg.nrrd is written there)")
     parser.add_argument("--model", "-m", default=None, help="model name or folder (default: the shipped default)")
     parser.add_argument("--threshold", type=float, default=0.5)
