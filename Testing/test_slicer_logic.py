@@ -638,3 +638,21 @@ def test_shipped_model_through_logic_on_sample_xray(tgs, scene, logic, model_nam
     np.testing.assert_array_equal(array != 0, expected.labels != 0)
     inter = np.logical_and(array != 0, truth).sum()
     assert 2 * inter / ((array != 0).sum() + truth.sum()) > 0.6
+
+
+def test_shipped_text_free_model_through_logic_without_a_prompt(tgs, scene, logic):
+    """The 1 %-text ProLearn segments the shipped chest X-ray with an empty prompt box, as the engine."""
+    cid = "cxr_s11234-e19977-r1"
+    xray = read_volume(sample_path(f"qata/{cid}.png"))
+    truth = read_volume(sample_path(f"qata/{cid}_mask.png")).array > 127
+    assert logic.modelIsTextFree("prolearn-qata-cpu-1pct") and not logic.modelIsTextFree("tmc-qata-cpu")
+    node = logic.addVolumeFromArray(scene, xray.array, xray.ijk_to_ras, "cxr")
+    segmentation_node = logic.process(node, "", "prolearn-qata-cpu-1pct", device="cpu")
+    [segment_id] = _segment_ids(segmentation_node)
+    assert segmentation_node.GetSegmentation().GetSegment(segment_id).GetName() == "segmentation"
+    array, _ = _export(scene, tgs, segmentation_node, segment_id, node)
+    expected = segment_volume(xray.array, xray.ijk_to_ras, None, load_model("prolearn-qata-cpu-1pct"),
+                              device="cpu")[0]
+    np.testing.assert_array_equal(array != 0, expected.labels != 0)
+    inter = np.logical_and(array != 0, truth).sum()
+    assert 2 * inter / ((array != 0).sum() + truth.sum()) > 0.6
