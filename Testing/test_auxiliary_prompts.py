@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from TextGuidedSegLib.data import read_dataset
 from TextGuidedSegLib.text.auxiliary import (KnowledgeExpander, TransformersGenerator, auxiliary_prompt_file,

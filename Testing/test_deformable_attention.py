@@ -25,7 +25,7 @@ def bilinear(img: torch.Tensor, x: float, y: float) -> torch.Tensor:
 
 def reference(value, shapes, locations, weights):
     b, _, heads, d = value.shape
-    q, levels, points = locations.shape[1], locations.shape[3], locations.shape[4]
+    q, points = locations.shape[1], locations.shape[4]
     starts = [0]
     for h, w in shapes:
         starts.append(starts[-1] + h * w)

@@ -24,7 +24,7 @@ the same kind of input).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,7 @@ class ProLearnConfig(ModelConfig):
     top_k: int = 3
     query_temperature: float = 1.0
     prototypes_per_cluster: int = 16
-    text_free: bool = field(default=False)
+    text_free: bool = False  # derived from num_prototypes in __post_init__
 
     def __post_init__(self) -> None:
         super().__post_init__()
