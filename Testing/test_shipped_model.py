@@ -17,9 +17,9 @@ SAMPLES = ["cxr_s11234-e19977-r1", "cxr_s11242-e20020-r1", "cxr_s11247-e20029-r1
 
 
 SHIPPED = {"tmc-qata-cpu": "tmc", "tmc-kvasir-cpu": "tmc", "ssa-qata-cpu": "ssa", "svp-cvae-qata-cpu": "svp_cvae",
-           "prolearn-qata-cpu-1pct": "prolearn"}
+           "prolearn-qata-cpu-1pct": "prolearn", "tgcnet-qata-cpu": "tgcnet"}
 TEXT_FREE = {"prolearn-qata-cpu-1pct"}
-QATA_MODELS = ["tmc-qata-cpu", "ssa-qata-cpu", "svp-cvae-qata-cpu"]
+QATA_MODELS = ["tmc-qata-cpu", "ssa-qata-cpu", "svp-cvae-qata-cpu", "tgcnet-qata-cpu"]
 
 
 def test_manifest_lists_every_shipped_model():
@@ -91,7 +91,7 @@ def test_qata_models_follow_the_patients_side(qata_model):
     assert l_[:, half:].sum() > 0.8 * max(1, l_.sum())
 
 
-@pytest.mark.parametrize("name", ["ssa-qata-cpu", "svp-cvae-qata-cpu"])
+@pytest.mark.parametrize("name", ["ssa-qata-cpu", "svp-cvae-qata-cpu", "tgcnet-qata-cpu"])
 def test_cli_segments_the_shipped_sample_with_each_model(cli, name, tmp_path):
     cid = "cxr_s11242-e20020-r1"
     rc, out, err = cli("predict", io.sample_path(f"qata/{cid}.png"), "--model", name, "--prompt",
@@ -141,3 +141,22 @@ def test_text_free_model_segments_the_shipped_xrays_without_a_prompt(cli, tmp_pa
         dices.append(dice_iou(segment.mask, truth)[0])
     # measured 2026-11-25: 0.70, 0.52, 0.88 on these three validation images
     assert np.mean(dices) > 0.55, dices
+
+
+def test_shipped_tgcnet_is_self_contained_and_reports_its_frozen_parts(cli):
+    """TGC-Net travels with the frozen CLIP text tower it was trained on (text_encoder/) and the CLIP
+    image tower inside its weights; its card gives trained vs frozen parameters, the CLIP's zero-shot
+    retrieval and the text-patch similarity figure."""
+    entry = resolve_model("tgcnet-qata-cpu")
+    model = load_model("tgcnet-qata-cpu")
+    assert model.config.text.backend == "clip" and model.config.text.name_or_path == str(entry.path / "text_encoder")
+    # measured with `textguidedseg models info tgcnet-qata-cpu` when the model was exported
+    assert model.parameter_counts() == {"image_model_trainable": 642114, "image_model_frozen": 904960,
+                                        "text_encoder": 4704256}
+    card = (entry.path / "README.md").read_text(encoding="utf-8")
+    assert "image model 0.64 M trained + 0.90 M frozen; text encoder 4.70 M, frozen" in card
+    assert "image->text recall@1" in card and "(clip_similarity.png)" in card
+    assert (entry.path / "clip_similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rc, out, err = cli("models", "info", "tgcnet-qata-cpu")
+    assert rc == 0, err
+    assert json.loads(out)["parameters"]["image_model_trainable"] == 642114

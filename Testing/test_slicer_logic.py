@@ -619,7 +619,7 @@ def test_icon():
     assert ICON_FILE.stat().st_size < 20_000
 
 
-@pytest.mark.parametrize("model_name", ["ssa-qata-cpu", "svp-cvae-qata-cpu"])
+@pytest.mark.parametrize("model_name", ["ssa-qata-cpu", "svp-cvae-qata-cpu", "tgcnet-qata-cpu"])
 def test_shipped_model_through_logic_on_sample_xray(tgs, scene, logic, model_name):
     """A model trained here segments the shipped chest X-ray through the Slicer Logic as the engine
     does, close to the ground truth (the report in the dataset's own image-side words)."""

@@ -82,6 +82,8 @@ def auto_batch_size(model: LoadedModel, device: torch.device) -> int:
     """
     size = model.config.image_size
     if device.type == "cuda":
+        if next(model.model.parameters()).device != device:  # probe where the slices will run
+            model.model.to(device)
         free, _ = torch.cuda.mem_get_info(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)

@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -244,9 +245,19 @@ def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
+def training_loss(out: dict[str, Any], masks: torch.Tensor, dice_loss: DiceLoss, bce_weight: float,
+                  dice_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """w_bce * BCE + w_dice * Dice on the logits (in fp32 under autocast) + the model's own losses."""
+    logits = out["logits"].float()
+    parts = {"bce": bce_weight * F.binary_cross_entropy_with_logits(logits, masks),
+             "dice": dice_weight * dice_loss(logits, masks)}
+    parts.update({k: v.float() for k, v in out.get("losses", {}).items()})
+    return sum(parts.values()), parts
+
+
 # ----------------------------------------------------------------------------- model card
 def model_card(cfg: dict[str, Any], best: dict[str, Any], engine: dict[str, Any] | None, command: str,
-               wall_s: float, hardware: str, n_params: int) -> str:
+               wall_s: float, hardware: str, parameters: str) -> str:
     """The model directory's README: data, split, both Dice figures, command, time, hardware."""
     m, d = cfg["model"], cfg["data"]
     val = d.get("val_split", "val")
@@ -279,7 +290,7 @@ Model `{m['model_type']}` trained with TextGuidedSeg {__version__}. Research use
 | selected epoch | {best['epoch']} (monitor: {cfg['train']['monitor']}) |
 | input | {m.get('image_size')} px; 'left' in the training text means: `{m.get('laterality', 'image')}` side |
 | text encoder | `{m.get('text', {}).get('name_or_path', 'packaged default')}` |
-| parameters | {n_params / 1e6:.2f} M (image model; text encoder not counted) |
+| parameters | {parameters} |
 | training wall time | {wall_s / 60:.1f} min |
 | hardware | {hardware} |
 
@@ -327,9 +338,12 @@ def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg
                     engine["cases"], engine["dice_global"], engine["dice_per_image"])
     hardware = state.get("hardware") or "unknown"
     command = state.get("command") or f"python Training/train.py --config {cfg.get('config_path', '?')}"
-    n_params = sum(p.numel() for p in best_model.parameters())
-    card = model_card(cfg, state["best"], engine, command, state["wall_s"], hardware, n_params)
+    card = model_card(cfg, state["best"], engine, command, state["wall_s"], hardware,
+                      parameter_summary(best_model, text_encoder))
     export = cfg.get("export", {}) or {}
+    frozen_clip = frozen_clip_card(model_cfg)
+    if frozen_clip is not None:
+        card += frozen_clip[0]
     if (out / "psa" / "psa.json").is_file():
         card += psa_card_section(json.loads((out / "psa" / "psa.json").read_text(encoding="utf-8")), model_cfg)
     if export.get("notes"):  # hand-written design notes / ablations, kept in git beside the configs
@@ -349,8 +363,41 @@ def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg
                          "date": dt.date.today().isoformat(), "train_cases": n_train, "val_cases": len(val_cases)}}
     save_pretrained(best_model, export_dir, metadata=meta, card=card, half=bool(export.get("half", False)),
                     text_encoder=text_encoder)
+    if frozen_clip is not None and frozen_clip[1] is not None:
+        shutil.copyfile(frozen_clip[1], export_dir / CLIP_SIMILARITY_PNG)
     logger.info("best model (epoch %d) written to %s", state["best"]["epoch"], export_dir)
     return export_dir
+
+
+CLIP_SIMILARITY_PNG = "clip_similarity.png"
+
+
+def parameter_summary(model: torch.nn.Module, text_encoder: TextEncoder) -> str:
+    """Trained vs frozen parameters: the figure TGC-Net's design is about (a small trained part)."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    text_total = sum(p.numel() for p in text_encoder.parameters())
+    text_trained = sum(p.numel() for p in text_encoder.parameters() if p.requires_grad)
+    image = f"image model {trained / 1e6:.2f} M trained" + (f" + {frozen / 1e6:.2f} M frozen" if frozen else "")
+    text = (f"text encoder {text_total / 1e6:.2f} M, " +
+            (f"{text_trained / 1e6:.2f} M of it trained" if text_trained else "frozen"))
+    return f"{image}; {text}"
+
+
+def frozen_clip_card(model_cfg: Any) -> tuple[str, Path | None] | None:
+    """TGC-Net on a CLIP pre-trained here: that CLIP's card (retrieval figures) and similarity PNG.
+
+    The card section is appended to the model's README and the PNG copied beside it, so the frozen
+    encoder's evidence (the paper's Fig. 1 argument, on our data) travels with the model.
+    """
+    clip_dir = Path(getattr(model_cfg, "clip_name_or_path", "") or "")
+    readme = clip_dir / "README.md"
+    if not getattr(model_cfg, "sse", False) or not readme.is_file():
+        return None
+    body = readme.read_text(encoding="utf-8").split("\n", 1)[1]  # drop its title
+    png = clip_dir / "similarity.png"
+    body = body.replace("(similarity.png)", f"({CLIP_SIMILARITY_PNG})").replace("`similarity.png`", f"`{CLIP_SIMILARITY_PNG}`")
+    return f"\n## The frozen CLIP (`{clip_dir}`)\n{body}", (png if png.is_file() else None)
 
 
 # ----------------------------------------------------------------------------- ProLearn's PSA
@@ -619,11 +666,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with autocast(device, t["amp"]):
                 extra = {"target": masks} if getattr(model, "uses_target", False) else {}
                 out_dict = ddp_model(images, text_for(batch["text"]), **extra)
-            logits = out_dict["logits"].float()
-            parts = {"bce": t["bce_weight"] * F.binary_cross_entropy_with_logits(logits, masks),
-                     "dice": t["dice_weight"] * dice_loss(logits, masks)}
-            parts.update({k: v.float() for k, v in out_dict.get("losses", {}).items()})
-            loss = sum(parts.values())
+            loss, parts = training_loss(out_dict, masks, dice_loss, t["bce_weight"], t["dice_weight"])
             (loss / t["grad_accum"]).backward()
             if (i + 1) % t["grad_accum"] == 0:
                 if world > 1 and not model_cfg.text.uses_cache:

@@ -84,6 +84,21 @@ class BaseModelTester:
             loss = out["losses"][name]
             assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0, (name, loss)
 
+    def test_training_losses_are_finite_under_bf16_autocast(self, config, model, text):
+        """The training script trains under autocast on GPUs (bf16 where supported); CPU autocast runs
+        the same reduced-precision matmuls, so a loss that breaks in bf16 (InfoNCE's identical-text
+        test did: NaN at the first GPU step) fails here too."""
+        model.train()
+        x = self.image(config)
+        extra = {"target": (self.image(config, seed=1)[:, :1] > 0.5).float()} if getattr(model, "uses_target", False) \
+            else {}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, text, **extra)
+        assert torch.isfinite(out["logits"].float()).all()
+        for name, loss in out["losses"].items():
+            assert torch.isfinite(loss).all(), (name, loss)
+        assert set(self.aux_losses) <= set(out["losses"])
+
     def test_eval_is_deterministic(self, config, model, text):
         model.eval()
         x = self.image(config)

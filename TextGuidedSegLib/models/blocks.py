@@ -106,15 +106,18 @@ def info_nce(visual: torch.Tensor, text: torch.Tensor, temperature: torch.Tensor
     Several cases of a batch often share one report (QaTa has 162 distinct strings), so every pair
     whose texts are identical counts as a positive (multi-positive InfoNCE) instead of a false negative.
     """
-    v = F.normalize(visual, dim=-1)
-    t = F.normalize(text, dim=-1)
-    logits = v @ t.t() / temperature
-    with torch.no_grad():
-        same = (t @ t.t()) > 1 - 1e-5
-        target = same.float() / same.float().sum(1, keepdim=True)
-    loss_v = -(target * logits.log_softmax(dim=1)).sum(1).mean()
-    loss_t = -(target * logits.log_softmax(dim=0).t()).sum(1).mean()
-    return 0.5 * (loss_v + loss_t)
+    # fp32 whatever the autocast: in bf16 the identical-text test below misses even the diagonal
+    # (t.t = 0.996), the target row is 0/0 and training on a GPU went NaN at the first step
+    with torch.autocast(device_type=visual.device.type, enabled=False):
+        v = F.normalize(visual.float(), dim=-1)
+        t = F.normalize(text.float(), dim=-1)
+        logits = v @ t.t() / temperature.float()
+        with torch.no_grad():
+            same = ((t @ t.t()) > 1 - 1e-5) | torch.eye(len(t), dtype=torch.bool, device=t.device)
+            target = same.float() / same.float().sum(1, keepdim=True)
+        loss_v = -(target * logits.log_softmax(dim=1)).sum(1).mean()
+        loss_t = -(target * logits.log_softmax(dim=0).t()).sum(1).mean()
+        return 0.5 * (loss_v + loss_t)
 
 
 class LearnableTemperature(nn.Module):

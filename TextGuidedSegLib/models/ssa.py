@@ -132,7 +132,8 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, epsilon: floa
 
 def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """1 - cos between every row of ``x`` [B, N, D] and of ``y`` [B, M, D] -> [B, N, M] in [0, 2]."""
-    return 1.0 - F.normalize(x.float(), dim=-1) @ F.normalize(y.float(), dim=-1).transpose(1, 2)
+    with torch.autocast(device_type=x.device.type, enabled=False):  # the plan needs fp32 costs
+        return 1.0 - F.normalize(x.float(), dim=-1) @ F.normalize(y.float(), dim=-1).transpose(1, 2)
 
 
 class TransportPooling(nn.Module):

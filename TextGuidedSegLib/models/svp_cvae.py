@@ -148,9 +148,11 @@ class GaussianHead(nn.Module):
 def gaussian_kl(mu_q: torch.Tensor, log_sigma_q: torch.Tensor, mu_p: torch.Tensor, log_sigma_p: torch.Tensor
                 ) -> torch.Tensor:
     """KL(N_q || N_p) of diagonal Gaussians, summed over the latent, averaged over the batch."""
-    var_q, var_p = (2 * log_sigma_q).exp(), (2 * log_sigma_p).exp()
-    kl = log_sigma_p - log_sigma_q + (var_q + (mu_q - mu_p) ** 2) / (2 * var_p) - 0.5
-    return kl.sum(-1).mean()
+    with torch.autocast(device_type=mu_q.device.type, enabled=False):  # exp and ratios in fp32
+        mu_q, log_sigma_q, mu_p, log_sigma_p = (t.float() for t in (mu_q, log_sigma_q, mu_p, log_sigma_p))
+        var_q, var_p = (2 * log_sigma_q).exp(), (2 * log_sigma_p).exp()
+        kl = log_sigma_p - log_sigma_q + (var_q + (mu_q - mu_p) ** 2) / (2 * var_p) - 0.5
+        return kl.sum(-1).mean()
 
 
 def kl_beta(epoch: float, weight: float, start: int, ramp: int) -> float:
