@@ -47,7 +47,7 @@ from TextGuidedSegLib.text import TextFeatures  # noqa: E402
 XRAYS = ["cxr_s11234-e19977-r1", "cxr_s11242-e20020-r1", "cxr_s11247-e20029-r1"]
 SAMPLES = 8  # SVP-CVAE's sampled masks
 # a case fails when CUDA (bf16 autocast) and CPU (fp32) masks differ on more than 1 % of the voxels or
-# their Dice is below 0.95. Measured on an H200 (benchmarks/results/gpu_check_h200.log): at most
+# their Dice is below 0.95. Measured on an H200 (benchmarks/results/gpu_check_h200.txt): at most
 # 0.73 % of the voxels (SSA on brain1, whose mask covers 81 % of that out-of-domain volume) and Dice
 # >= 0.9645 (out-of-domain brain1) / >= 0.9805 (X-rays). A first run with a 0.2 % bound flagged that SSA case.
 DISAGREEMENT, MIN_DICE = 0.01, 0.95
