@@ -239,6 +239,10 @@ def validate(model: torch.nn.Module, dataset: PreloadedDataset, text_for: Any, b
     return {k: summary[k] for k in ("dice_global", "dice_per_image", "iou_global", "iou_per_image")}
 
 
+def uses_fp16(device: torch.device, amp: bool) -> bool:
+    return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+
+
 def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
@@ -625,6 +629,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state["epoch"] = max(state["epoch"], t["epochs"])  # skip the loop
     ddp_model = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     dice_loss = DiceLoss(sigmoid=True)
+    # fp16 autocast (GPUs without bf16, e.g. V100 / T4) needs loss scaling or small gradients flush
+    # to zero; bf16 and fp32 do not (the scaler is then a pass-through)
+    scaler = torch.amp.GradScaler("cuda", enabled=uses_fp16(device, t["amp"]))
+    if t["amp"] and device.type == "cuda":
+        logger.info("mixed precision: %s", "fp16 with loss scaling" if scaler.is_enabled() else "bf16")
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, seed=t["seed"], drop_last=True) \
         if world > 1 else None
     log_path = out / "log.csv"
@@ -667,8 +676,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 extra = {"target": masks} if getattr(model, "uses_target", False) else {}
                 out_dict = ddp_model(images, text_for(batch["text"]), **extra)
             loss, parts = training_loss(out_dict, masks, dice_loss, t["bce_weight"], t["dice_weight"])
-            (loss / t["grad_accum"]).backward()
+            scaler.scale(loss / t["grad_accum"]).backward()
             if (i + 1) % t["grad_accum"] == 0:
+                scaler.unscale_(optimizer)  # true gradients for the all-reduce and the clip below
                 if world > 1 and not model_cfg.text.uses_cache:
                     # the text encoder sits outside the DDP wrapper: average its gradients by hand
                     for p in text_encoder.parameters():
@@ -677,7 +687,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             p.grad /= world
                 if t["grad_clip"]:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-                optimizer.step()
+                scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 if t["schedule"] == "cosine":
                     scheduler.step()
