@@ -240,12 +240,13 @@ def validate(model: torch.nn.Module, dataset: PreloadedDataset, text_for: Any, b
 
 
 def uses_fp16(device: torch.device, amp: bool) -> bool:
+    """Mixed precision in fp16 (needs loss scaling): CUDA without bf16; bf16 wherever CUDA has it."""
     return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
 
 
 def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
     if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return torch.autocast("cuda", dtype=torch.float16 if uses_fp16(device, amp) else torch.bfloat16)
     return contextlib.nullcontext()
 
 
