@@ -34,6 +34,7 @@ from TextGuidedSegLib.io import read_segmentation, read_volume, sample_path, wri
 from TextGuidedSegLib.model_store import load_model  # noqa: E402
 from TextGuidedSegLib.models import build_model  # noqa: E402
 from TextGuidedSegLib.terminology import style_for  # noqa: E402
+from widget_harness import headless_widget, run_event_loop  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "TextGuidedSeg"
@@ -418,6 +419,118 @@ def test_module_self_test_says_random_model_is_plumbing_only(tgs, monkeypatch, c
         path = test._model(str(tmp_path))
     assert Path(path).is_dir() and test.plumbingOnly
     assert "tiny RANDOM model" in caplog.text and "plumbing check only" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# the Widget's run path without Qt: Apply -> worker thread -> polled queue -> nodes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_scene(scene, monkeypatch):
+    """``scene`` as the application's scene (the widget looks nodes up in ``slicer.mrmlScene``) and
+    ``slicer.util.errorDisplay`` recorded instead of shown."""
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    shown = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: shown.append((text, kw)), raising=False)
+    scene.errorsShown = shown
+    return scene
+
+
+def _node_ids(scene) -> list[str]:
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def test_widget_segments_in_a_worker_thread_while_the_event_loop_holds_the_gil(tgs, app_scene, volume_node,
+                                                                               tiny_model_dir, reference):
+    """Apply runs inference off the main thread; the polls (here between 20 ms waits that keep the GIL,
+    as Slicer's event loop does) report progress and, at the end, write the same segments as the Logic."""
+    threshold, expected = reference
+    widget = headless_widget(tgs, volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold)
+    threads = []
+    run_inference = widget.logic.run_inference
+    widget.logic.run_inference = lambda *a, **kw: (threads.append(threading.current_thread()), run_inference(*a, **kw))[1]
+
+    widget.onApplyButton()
+    assert widget._job is not None and widget._timer.active
+    assert widget.ui.applyButton.text == "Cancel" and widget.ui.progressBar.visible
+    run_event_loop(widget, gil_held_between_polls=0.02, timeout=120)
+
+    assert threads and threads[0] is not threading.main_thread() and threads[0].name == "TextGuidedSeg"
+    assert widget._job is None and not widget._timer.active and not widget.ui.progressBar.visible
+    assert widget.ui.applyButton.text == "Apply" and widget.ui.applyButton.enabled
+    assert widget.ui.statusLabel.text.startswith("Done in ") and widget.ui.statusLabel.text.endswith(", ".join(NAMES))
+    assert "Loading model…" in widget.ui.statusLabel.history
+    values = [v for v, _ in widget.ui.progressBar.history if v]
+    assert values == sorted(values) and widget.ui.progressBar.history[-1] == (26, 26)  # 13 slices x 2 prompts
+
+    node = widget._parameterNode.outputSegmentation  # the new segmentation becomes the panel's output
+    assert node is not None and node.GetScene() is app_scene
+    ids = _segment_ids(node)
+    assert [node.GetSegmentation().GetSegment(i).GetName() for i in ids] == NAMES
+    for segment_id, result in zip(ids, expected):
+        np.testing.assert_array_equal(_export(app_scene, tgs, node, segment_id, volume_node)[0] != 0,
+                                      result.labels != 0)
+    assert not app_scene.errorsShown
+
+    widget.onApplyButton()  # a second Apply adds to the same segmentation, never overwrites
+    run_event_loop(widget, gil_held_between_polls=0.0, timeout=120)
+    assert [node.GetSegmentation().GetSegment(i).GetName() for i in _segment_ids(node)] == (
+        NAMES + [f"{n} (2)" for n in NAMES])
+
+
+def test_widget_cancel_leaves_the_scene_unchanged(tgs, app_scene, volume_node, tiny_model_dir, reference):
+    threshold, _ = reference
+    widget = headless_widget(tgs, volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold)
+    pressed = threading.Event()
+    load = widget.logic.loadModel
+    widget.logic.loadModel = lambda *a, **kw: (pressed.wait(30), load(*a, **kw))[1]  # still loading at Cancel
+    before = _node_ids(app_scene)
+
+    widget.onApplyButton()
+    widget.onApplyButton()  # the button reads "Cancel" now
+    assert widget._job.cancel.is_set() and not widget.ui.applyButton.enabled
+    assert widget.ui.statusLabel.text == "Cancelling after the current batch…"
+    pressed.set()
+    run_event_loop(widget, gil_held_between_polls=0.0, timeout=60)
+
+    assert widget.ui.statusLabel.text == "Cancelled: the scene was not changed."
+    assert widget.ui.applyButton.text == "Apply" and widget.ui.applyButton.enabled
+    assert _node_ids(app_scene) == before and widget._parameterNode.outputSegmentation is None
+    assert not app_scene.errorsShown
+
+
+def test_widget_reports_errors_and_writes_nothing(tgs, app_scene, volume_node, tmp_path, reference):
+    before = _node_ids(app_scene)
+    missing = tmp_path / "no-such-model"
+    widget = headless_widget(tgs, volume_node, str(missing), PROMPTS[0])
+    widget.onApplyButton()
+    run_event_loop(widget, gil_held_between_polls=0.0, timeout=60)  # fails in the worker: shown on the main thread
+    (text, kw), = app_scene.errorsShown
+    assert text.startswith("Segmentation failed: ") and "no-such-model" in text
+    assert "Traceback" in kw["detailedText"]
+    assert widget.ui.statusLabel.text.startswith("Failed: ") and widget.ui.applyButton.text == "Apply"
+
+    app_scene.errorsShown.clear()
+    widget._parameterNode.inputVolume = None  # refused before any thread starts
+    widget.onApplyButton()
+    assert widget._job is None and not widget._timer.active
+    (text, _), = app_scene.errorsShown
+    assert text == "Could not start the segmentation: no input volume selected"
+    assert _node_ids(app_scene) == before
+
+
+def test_widget_drops_results_when_the_scene_closes(tgs, app_scene, volume_node, tiny_model_dir, reference):
+    threshold, _ = reference
+    widget = headless_widget(tgs, volume_node, str(tiny_model_dir), PROMPTS[0], threshold=threshold)
+    before = _node_ids(app_scene)
+    widget.onApplyButton()
+    widget.onSceneStartClose(None, None)
+    assert widget._job.cancel.is_set() and widget._parameterNode is None
+    run_event_loop(widget, gil_held_between_polls=0.0, timeout=60)
+    assert widget.ui.statusLabel.text == "Stopped: the scene was closed."
+    assert _node_ids(app_scene) == before and not app_scene.errorsShown
+    assert widget.ui.applyButton.text == "Apply" and not widget.ui.applyButton.enabled  # no volume selected now
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ file). Here are only the Slicer parts:
 - :class:`TextGuidedSeg`: module metadata;
 - :class:`TextGuidedSegParameterNode`: the GUI state, saved with the scene;
 - :class:`TextGuidedSegWidget`: the GUI; inference runs in a worker thread, the main thread polls
-  a queue with a ``QTimer`` and writes the nodes;
+  a queue with a ``QTimer`` (sleeping briefly so that the worker gets the GIL) and writes the nodes;
 - :class:`TextGuidedSegLogic`: ``process()`` = ``run_inference()`` (numpy in, results out, no
   scene access: safe in a worker thread) + ``write_results()`` (main thread: segments, colours,
   terminology, probability volumes; all or nothing);
@@ -279,7 +279,14 @@ def _inferenceWorker(logic: "TextGuidedSegLogic", job: _Job) -> None:
 class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The GUI: forwards to the Logic; Apply runs it in a worker thread and turns into Cancel."""
 
-    POLL_INTERVAL_MS = 100
+    #: The worker is polled on every pass of the event loop ...
+    POLL_INTERVAL_MS = 0
+    #: ... and each poll sleeps this long with the GIL released. Slicer's PythonQt keeps the GIL while
+    #: the main thread waits in the Qt event loop, so a Python worker thread runs only while the main
+    #: thread runs Python code or sleeps (Slicer's SimpleFilters module yields the same way). Without
+    #: it the worker stalls between its torch calls; with it the GUI still answers within this time.
+    #: ``benchmarks/benchmark_gui_worker.py`` measures both. 0 disables the yield.
+    GIL_YIELD_SECONDS = 0.01
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -572,6 +579,8 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 message = job.messages.get_nowait()
             except queue.Empty:
+                if self.GIL_YIELD_SECONDS > 0:
+                    time.sleep(self.GIL_YIELD_SECONDS)  # let the worker thread run (see GIL_YIELD_SECONDS)
                 return
             kind = message[0]
             if kind == "status":
