@@ -636,9 +636,33 @@ def test_batch_script_unreadable_input_is_skipped(tmp_path, tiny_model_dir):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [MODULE_FILE, BATCH_SCRIPT], ids=["module", "batch"])
+SLICER_PYTHON_FILES = [MODULE_FILE, BATCH_SCRIPT] + sorted((REPO / "TextGuidedSegLib").rglob("*.py"))
+
+
+def _annotations(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs + [node.args.vararg, node.args.kwarg]
+            yield from (a.annotation for a in args if a is not None and a.annotation is not None)
+            if node.returns is not None:
+                yield node.returns
+        elif isinstance(node, ast.AnnAssign):
+            yield node.annotation
+
+
+@pytest.mark.parametrize("path", SLICER_PYTHON_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_python39_syntax(path):
-    ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
+    """Slicer 5.8 and older embed Python 3.9, and CMake installs the library next to the module:
+    every file must parse as 3.9, and 'X | None' annotations (3.10 at run time) need postponed
+    evaluation."""
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source, filename=str(path), feature_version=(3, 9))
+    postponed = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and
+                    any(a.name == "annotations" for a in n.names) for n in tree.body)
+    unions = [a.lineno for a in _annotations(tree)
+              if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(a))]
+    assert postponed or not unions, f"{path.name}: 'X | Y' annotations on lines {unions} without " \
+                                    "'from __future__ import annotations'"
 
 
 def test_tags_match_library(tgs):
