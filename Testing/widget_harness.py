@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from types import ModuleType, SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -109,15 +109,14 @@ def _hold_gil_for(seconds: float) -> None:
         ctypes.PyDLL(None).usleep(int(seconds * 1e6))
 
 
-def run_event_loop(widget, *, gil_held_between_polls: float | None = None, timeout: float = 120.0,
-                   between_polls: Callable[[], None] | None = None) -> float:
+def run_event_loop(widget, *, gil_held_between_polls: float | None = None, timeout: float = 120.0) -> float:
     """Run the widget's timer until its job ends, the way Qt would: call ``_pollWorker`` whenever the
     timer is active, and between calls let the "event loop" wait ``gil_held_between_polls`` seconds
     holding the GIL (None: the widget's own timer interval). Returns the seconds it took."""
     if gil_held_between_polls is None:
         gil_held_between_polls = widget._timer.interval / 1000.0
-    if not sys.platform.startswith("linux") and gil_held_between_polls > 0:
-        raise RuntimeError("the GIL-holding event loop emulation needs libc usleep (Linux)")
+    if sys.platform == "win32" and gil_held_between_polls > 0:
+        raise RuntimeError("the GIL-holding event loop emulation needs libc usleep (Linux, macOS)")
     start = time.perf_counter()
     while widget._timer.active:
         if time.perf_counter() - start > timeout:
@@ -125,7 +124,5 @@ def run_event_loop(widget, *, gil_held_between_polls: float | None = None, timeo
                 widget._job.cancel.set()
             raise TimeoutError(f"the widget's job did not finish within {timeout:.0f} s")
         _hold_gil_for(gil_held_between_polls)
-        if between_polls is not None:
-            between_polls()
         widget._pollWorker()
     return time.perf_counter() - start
