@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from TextGuidedSegLib import checkpoint as ckpt
 from TextGuidedSegLib.checkpoint import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError, load_pretrained,
                                          read_config, save_pretrained, sha256_of)
 from TextGuidedSegLib.models import build_model
@@ -213,7 +213,7 @@ def test_save_is_atomic_on_failure(tiny_model, tmp_path, monkeypatch):
         Path(args[1]).write_bytes(b"partial")  # something was written before the failure
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
     target = tmp_path / "atomic"
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(tiny_model, target)
@@ -224,7 +224,7 @@ def test_save_is_atomic_on_failure(tiny_model, tmp_path, monkeypatch):
 
 def test_failed_save_keeps_previous_directory(tiny_model, saved, monkeypatch, inputs):
     before = (saved / WEIGHTS_NAME).read_bytes()
-    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("interrupted")))
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("interrupted")))
     with pytest.raises(RuntimeError, match="interrupted"):
         save_pretrained(tiny_model, saved)
     monkeypatch.undo()

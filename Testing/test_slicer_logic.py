@@ -441,6 +441,20 @@ def _node_ids(scene) -> list[str]:
     return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
 
 
+def test_opening_the_panel_does_not_import_torch():
+    """The panel lists the models and checks the default one as it opens (setup / enter): none of that
+    may import torch, which freezes the GUI for seconds; torch loads in the worker thread at Apply."""
+    code = ("import sys; sys.path.insert(0, 'TextGuidedSeg'); import TextGuidedSeg as m; "
+            "from TextGuidedSegLib.model_store import DEFAULT_MODEL, list_models; "
+            "L = m.TextGuidedSegLogic; "
+            "names = [e.name for e in list_models()]; "
+            "print(DEFAULT_MODEL in names, L.modelIsTextFree(None), L.modelIsTextFree('prolearn-qata-cpu-1pct'), "
+            "L.modelNeedsDownload(None), L.missingPythonRequirements(), 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "False", "True", "False", "[]", "False"]
+
+
 def test_widget_segments_in_a_worker_thread_while_the_event_loop_holds_the_gil(tgs, app_scene, volume_node,
                                                                                tiny_model_dir, reference):
     """Apply runs inference off the main thread; the polls (here between 20 ms waits that keep the GIL,

@@ -15,15 +15,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .models import ModelConfig, build_model, config_from_dict
-from .text import TextEncoder
+
+if TYPE_CHECKING:  # torch and the models load with the first model, not with this module: the model
+    import torch   # catalog (model_store) imports this module, and the Slicer panel lists models at once
+    from torch import nn
+
+    from .models import ModelConfig
+    from .text import TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class LoadedModel:
     def text_encoder(self) -> TextEncoder:
         """Loaded on first use (text-free models never pay for it)."""
         if self._text_encoder is None:
+            from .text import TextEncoder
+
             self._text_encoder = TextEncoder(self.config.text).to(next(self.model.parameters()).device)
         return self._text_encoder
 
@@ -85,6 +88,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[s
     ``half`` stores floating-point weights as fp16 (shipped models stay under 25 MB); they are
     cast back to fp32 on load. A trainable / LoRA text encoder is saved in ``text_encoder/``.
     """
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     config: ModelConfig = model.config
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -157,6 +162,10 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu",
                     expected_sha256: str | None = None) -> LoadedModel:
     """Load a model directory. ``expected_sha256`` (from a manifest) is checked on the weights file."""
+    from safetensors.torch import load_file
+
+    from .models import build_model, config_from_dict
+
     directory = Path(directory)
     payload = read_config(directory)
     weights = directory / WEIGHTS_NAME

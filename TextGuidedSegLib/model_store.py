@@ -24,12 +24,13 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .checkpoint import (PICKLE_SUFFIXES, WEIGHTS_NAME, CheckpointError, LoadedModel, load_pretrained, read_config,
                          sha256_of)
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
