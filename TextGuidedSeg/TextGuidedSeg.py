@@ -284,7 +284,8 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     #: ... and each poll sleeps this long with the GIL released. Slicer's PythonQt keeps the GIL while
     #: the main thread waits in the Qt event loop, so a Python worker thread runs only while the main
     #: thread runs Python code or sleeps (Slicer's SimpleFilters module yields the same way). Without
-    #: it the worker stalls between its torch calls; with it the GUI still answers within this time.
+    #: it the worker stalls between its torch calls; with it the GUI waits at most this long plus one
+    #: GIL hand-over (measured: up to 25 ms).
     #: ``benchmarks/benchmark_gui_worker.py`` measures both. 0 disables the yield.
     GIL_YIELD_SECONDS = 0.01
 
