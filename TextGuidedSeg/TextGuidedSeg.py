@@ -285,8 +285,7 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     #: the main thread waits in the Qt event loop, so a Python worker thread runs only while the main
     #: thread runs Python code or sleeps (Slicer's SimpleFilters module yields the same way). Without
     #: it the worker stalls between its torch calls; with it the GUI waits at most this long plus one
-    #: GIL hand-over (measured: up to 25 ms).
-    #: ``benchmarks/benchmark_gui_worker.py`` measures both. 0 disables the yield.
+    #: GIL hand-over (up to 25 ms in ``benchmarks/benchmark_gui_worker.py``). 0 disables the yield.
     GIL_YIELD_SECONDS = 0.01
 
     def __init__(self, parent=None) -> None:

@@ -19,8 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 
-if TYPE_CHECKING:  # torch and the models load with the first model, not with this module: the model
-    import torch   # catalog (model_store) imports this module, and the Slicer panel lists models at once
+# torch, safetensors and the model registry are imported by the functions that load or save a model,
+# not here: the model catalog (model_store) imports this module, and the Slicer panel lists the models
+# as it opens, which must not cost the seconds of importing torch.
+if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from .models import ModelConfig
