@@ -59,10 +59,6 @@ class FakeLabel:
 @dataclass
 class FakeTimer:
     active: bool = False
-    interval: int = 0
-
-    def setInterval(self, milliseconds: int) -> None:
-        self.interval = milliseconds
 
     def start(self) -> None:
         self.active = True
@@ -90,7 +86,6 @@ def headless_widget(module: ModuleType, volumeNode, model: str, prompts: str, **
     widget.logic = module.TextGuidedSegLogic()
     widget.logic.logCallback = widget._setStatus
     widget._timer = FakeTimer()
-    widget._timer.setInterval(widget.POLL_INTERVAL_MS)
     fields = dict(inputVolume=volumeNode, outputSegmentation=None, modelName=model, prompts=prompts, threshold=0.5,
                   device="cpu", axis="auto", laterality="patient", writeProbability=False, samples=8)
     fields.update(parameters)
@@ -109,12 +104,10 @@ def _hold_gil_for(seconds: float) -> None:
         ctypes.PyDLL(None).usleep(int(seconds * 1e6))
 
 
-def run_event_loop(widget, *, gil_held_between_polls: float | None = None, timeout: float = 120.0) -> float:
+def run_event_loop(widget, *, gil_held_between_polls: float, timeout: float = 120.0) -> float:
     """Run the widget's timer until its job ends, the way Qt would: call ``_pollWorker`` whenever the
     timer is active, and between calls let the "event loop" wait ``gil_held_between_polls`` seconds
-    holding the GIL (None: the widget's own timer interval). Returns the seconds it took."""
-    if gil_held_between_polls is None:
-        gil_held_between_polls = widget._timer.interval / 1000.0
+    holding the GIL (0: the widget's 0 ms timer on an idle GUI). Returns the seconds it took."""
     if sys.platform == "win32" and gil_held_between_polls > 0:
         raise RuntimeError("the GIL-holding event loop emulation needs libc usleep (Linux, macOS)")
     start = time.perf_counter()
