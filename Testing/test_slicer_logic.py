@@ -428,13 +428,17 @@ def test_module_self_test_says_random_model_is_plumbing_only(tgs, monkeypatch, c
 
 @pytest.fixture
 def app_scene(scene, monkeypatch):
-    """``scene`` as the application's scene (the widget looks nodes up in ``slicer.mrmlScene``) and
-    ``slicer.util.errorDisplay`` recorded instead of shown."""
+    """``scene`` as the application's scene (the widget looks nodes up in ``slicer.mrmlScene``)."""
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    return scene
+
+
+@pytest.fixture
+def errors_shown(monkeypatch) -> list:
+    """What ``slicer.util.errorDisplay`` would have shown: (text, keyword arguments) per call."""
     shown = []
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: shown.append((text, kw)), raising=False)
-    scene.errorsShown = shown
-    return scene
+    return shown
 
 
 def _node_ids(scene) -> list[str]:
@@ -455,8 +459,9 @@ def test_opening_the_panel_does_not_import_torch():
     assert proc.stdout.split() == ["True", "False", "True", "False", "[]", "False"]
 
 
-def test_widget_segments_in_a_worker_thread_while_the_event_loop_holds_the_gil(tgs, app_scene, volume_node,
-                                                                               tiny_model_dir, reference):
+def test_widget_segments_in_a_worker_thread_while_the_event_loop_holds_the_gil(tgs, app_scene, errors_shown,
+                                                                               volume_node, tiny_model_dir,
+                                                                               reference):
     """Apply runs inference off the main thread; the polls (here between 20 ms waits that keep the GIL,
     as Slicer's event loop does) report progress and, at the end, write the same segments as the Logic."""
     threshold, expected = reference
@@ -485,7 +490,7 @@ def test_widget_segments_in_a_worker_thread_while_the_event_loop_holds_the_gil(t
     for segment_id, result in zip(ids, expected):
         np.testing.assert_array_equal(_export(app_scene, tgs, node, segment_id, volume_node)[0] != 0,
                                       result.labels != 0)
-    assert not app_scene.errorsShown
+    assert not errors_shown
 
     widget.onApplyButton()  # a second Apply adds to the same segmentation, never overwrites
     run_event_loop(widget, gil_held_between_polls=0.0, timeout=120)
@@ -493,7 +498,8 @@ def test_widget_segments_in_a_worker_thread_while_the_event_loop_holds_the_gil(t
         NAMES + [f"{n} (2)" for n in NAMES])
 
 
-def test_widget_cancel_leaves_the_scene_unchanged(tgs, app_scene, volume_node, tiny_model_dir, reference):
+def test_widget_cancel_leaves_the_scene_unchanged(tgs, app_scene, errors_shown, volume_node, tiny_model_dir,
+                                                  reference):
     threshold, _ = reference
     widget = headless_widget(tgs, volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold)
     pressed = threading.Event()
@@ -511,30 +517,31 @@ def test_widget_cancel_leaves_the_scene_unchanged(tgs, app_scene, volume_node, t
     assert widget.ui.statusLabel.text == "Cancelled: the scene was not changed."
     assert widget.ui.applyButton.text == "Apply" and widget.ui.applyButton.enabled
     assert _node_ids(app_scene) == before and widget._parameterNode.outputSegmentation is None
-    assert not app_scene.errorsShown
+    assert not errors_shown
 
 
-def test_widget_reports_errors_and_writes_nothing(tgs, app_scene, volume_node, tmp_path, reference):
+def test_widget_reports_errors_and_writes_nothing(tgs, app_scene, errors_shown, volume_node, tmp_path, reference):
     before = _node_ids(app_scene)
     missing = tmp_path / "no-such-model"
     widget = headless_widget(tgs, volume_node, str(missing), PROMPTS[0])
     widget.onApplyButton()
     run_event_loop(widget, gil_held_between_polls=0.0, timeout=60)  # fails in the worker: shown on the main thread
-    (text, kw), = app_scene.errorsShown
+    (text, kw), = errors_shown
     assert text.startswith("Segmentation failed: ") and "no-such-model" in text
     assert "Traceback" in kw["detailedText"]
     assert widget.ui.statusLabel.text.startswith("Failed: ") and widget.ui.applyButton.text == "Apply"
 
-    app_scene.errorsShown.clear()
+    errors_shown.clear()
     widget._parameterNode.inputVolume = None  # refused before any thread starts
     widget.onApplyButton()
     assert widget._job is None and not widget._timer.active
-    (text, _), = app_scene.errorsShown
+    (text, _), = errors_shown
     assert text == "Could not start the segmentation: no input volume selected"
     assert _node_ids(app_scene) == before
 
 
-def test_widget_drops_results_when_the_scene_closes(tgs, app_scene, volume_node, tiny_model_dir, reference):
+def test_widget_drops_results_when_the_scene_closes(tgs, app_scene, errors_shown, volume_node, tiny_model_dir,
+                                                    reference):
     threshold, _ = reference
     widget = headless_widget(tgs, volume_node, str(tiny_model_dir), PROMPTS[0], threshold=threshold)
     before = _node_ids(app_scene)
@@ -543,7 +550,7 @@ def test_widget_drops_results_when_the_scene_closes(tgs, app_scene, volume_node,
     assert widget._job.cancel.is_set() and widget._parameterNode is None
     run_event_loop(widget, gil_held_between_polls=0.0, timeout=60)
     assert widget.ui.statusLabel.text == "Stopped: the scene was closed."
-    assert _node_ids(app_scene) == before and not app_scene.errorsShown
+    assert _node_ids(app_scene) == before and not errors_shown
     assert widget.ui.applyButton.text == "Apply" and not widget.ui.applyButton.enabled  # no volume selected now
 
 
