@@ -338,7 +338,15 @@ def test_error_vector_volume(tmp_path):
 
 TERMINOLOGY_IN = ("SCT^123037004^Anatomical Structure~SCT^39607008^Lung~^^~"
                   "Anatomic codes - DICOM master list~^^~^^|")
-TERMINOLOGY_OUT = ("Segmentation category and type - 3D Slicer General Anatomy list~" + TERMINOLOGY_IN.rstrip("|"))
+# a 6-field entry gets Slicer's "DICOM master list" context (the one terminology.py writes)
+TERMINOLOGY_OUT = ("Segmentation category and type - DICOM master list~" + TERMINOLOGY_IN.rstrip("|"))
+
+
+def test_default_terminology_context_is_the_one_style_for_writes():
+    from TextGuidedSegLib import terminology
+
+    assert tio.DEFAULT_TERMINOLOGY_CONTEXT == terminology.SEGMENTATION_CONTEXT
+    assert TERMINOLOGY_OUT.split("~")[0] == tio.DEFAULT_TERMINOLOGY_CONTEXT
 
 
 def _two_overlapping_segments(shape=(6, 7, 8)):

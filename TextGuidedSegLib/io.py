@@ -46,8 +46,12 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: Segment tag holding the full prompt in a ``.seg.nrrd``.
 PROMPT_TAG = "TextGuidedSeg.Prompt"
 
-#: Terminology context used when a terminology string comes without one (6 instead of 7 fields).
-DEFAULT_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+#: Terminology context used when a terminology string comes without one (6 instead of 7 fields):
+#: Slicer's "DICOM master list" (SegmentationCategoryTypeModifier-DICOM-Master.term.json, loaded by
+#: default), the context of every entry terminology.py writes. Slicer documents the "3D Slicer
+#: General Anatomy list" as a subset of it, and it has types that list lacks (Neoplasm,
+#: Inflammation); Slicer matches codes on scheme + value, so either list's codes are found in it.
+DEFAULT_TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
 
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".mha")
 LABELMAP_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".mha")
