@@ -78,7 +78,7 @@ def test_predict_png_two_prompts(cli, model_dir, tmp_path):
     assert [s.name for s in segments] == ["bilateral pulmonary infection", "left lung"]
     assert [s.name for s in segments] == [short_name(p) for p in PROMPTS]
     assert [s.prompt for s in segments] == PROMPTS
-    assert "Infectious disease" in segments[0].terminology
+    assert "SCT^23583003^Inflammation" in segments[0].terminology
     np.testing.assert_allclose(segments[0].color, style_for(PROMPTS[0]).color)
     # what the file holds is what the engine computes for the same image, voxel for voxel
     expected = segment_volume(source.array, source.ijk_to_ras, PROMPTS, load_model(model_dir, device="cpu"),

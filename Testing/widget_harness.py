@@ -2,9 +2,9 @@
 stand-ins for the four Qt objects it touches on that path (progress bar, Apply button, status label,
 timer), on a real MRML scene from slicer-core.
 
-Used by ``test_slicer_logic.py`` (the worker-thread protocol: results, cancel, errors, scene
-close) and ``benchmarks/benchmark_gui_worker.py`` (how fast the worker runs when the main thread
-holds the GIL the way Slicer's Qt event loop does).
+Used by ``test_slicer_logic.py`` (the child-process protocol: results, cancel, crashes, kills, errors,
+scene close) and ``benchmarks/benchmark_gui_worker.py`` (Apply -> segments time and the longest
+main-thread stall, with an event loop that holds the GIL between polls as Slicer's does).
 """
 
 from __future__ import annotations
@@ -104,18 +104,38 @@ def _hold_gil_for(seconds: float) -> None:
         ctypes.PyDLL(None).usleep(int(seconds * 1e6))
 
 
-def run_event_loop(widget, *, gil_held_between_polls: float, timeout: float = 120.0) -> float:
+@dataclass
+class EventLoopRun:
+    """What :func:`run_event_loop` measured: wall time until the job ended, and the longest single call
+    into the widget (a poll, or the final write of the nodes): how long the GUI was blocked at most."""
+
+    seconds: float
+    longest_poll: float
+    polls: int
+
+
+def run_event_loop(widget, *, gil_held_between_polls: float | None = None, timeout: float = 120.0,
+                   on_poll=None) -> EventLoopRun:
     """Run the widget's timer until its job ends, the way Qt would: call ``_pollWorker`` whenever the
-    timer is active, and between calls let the "event loop" wait ``gil_held_between_polls`` seconds
-    holding the GIL (0: the widget's 0 ms timer on an idle GUI). Returns the seconds it took."""
-    if sys.platform == "win32" and gil_held_between_polls > 0:
+    timer is active, and between calls let the "event loop" wait holding the GIL, by default the
+    widget's ``POLL_INTERVAL_MS`` (a busy GUI: longer). ``on_poll(widget)`` runs after each poll
+    (tests use it to cancel or kill the child mid-run)."""
+    wait = widget.POLL_INTERVAL_MS / 1000.0 if gil_held_between_polls is None else gil_held_between_polls
+    if sys.platform == "win32" and wait > 0:
         raise RuntimeError("the GIL-holding event loop emulation needs libc usleep (Linux, macOS)")
     start = time.perf_counter()
+    longest, polls = 0.0, 0
     while widget._timer.active:
         if time.perf_counter() - start > timeout:
             if widget._job is not None:
-                widget._job.cancel.set()
+                widget._job.worker.cancel()
+                widget._job.worker.cleanup()
             raise TimeoutError(f"the widget's job did not finish within {timeout:.0f} s")
-        _hold_gil_for(gil_held_between_polls)
+        _hold_gil_for(wait)
+        t0 = time.perf_counter()
         widget._pollWorker()
-    return time.perf_counter() - start
+        longest = max(longest, time.perf_counter() - t0)
+        polls += 1
+        if on_poll is not None:
+            on_poll(widget)
+    return EventLoopRun(time.perf_counter() - start, longest, polls)

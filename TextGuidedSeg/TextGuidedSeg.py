@@ -5,11 +5,13 @@ file). Here are only the Slicer parts:
 
 - :class:`TextGuidedSeg`: module metadata;
 - :class:`TextGuidedSegParameterNode`: the GUI state, saved with the scene;
-- :class:`TextGuidedSegWidget`: the GUI; inference runs in a worker thread, the main thread polls
-  a queue with a ``QTimer`` (sleeping briefly so that the worker gets the GIL) and writes the nodes;
-- :class:`TextGuidedSegLogic`: ``process()`` = ``run_inference()`` (numpy in, results out, no
-  scene access: safe in a worker thread) + ``write_results()`` (main thread: segments, colours,
-  terminology, probability volumes; all or nothing);
+- :class:`TextGuidedSegWidget`: the GUI; Apply starts the inference in a child Python process
+  (``PythonSlicer`` in Slicer; ``TextGuidedSegLib.worker``), a ``QTimer`` reads its progress events,
+  and the main thread writes the nodes from its results. Cancel ends the child; a crash or an
+  out-of-memory kill of the child becomes one message, and Slicer and its scene live on;
+- :class:`TextGuidedSegLogic`: ``startInference()`` (the child process, for the GUI) and
+  ``process()`` = ``run_inference()`` (in this process: numpy in, results out) +
+  ``write_results()`` (segments, colours, terminology, probability volumes; all or nothing);
 - :class:`TextGuidedSegTest`: the self-test on the shipped ``brain1`` sample.
 
 The Logic runs in the Slicer application and in plain Python with PyPI ``slicer-core`` (no
@@ -23,7 +25,8 @@ import importlib
 import importlib.util
 import logging
 import os
-import queue
+import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -104,6 +107,11 @@ UNCERTAINTY_REFERENCE_ROLE = "TextGuidedSeg.Uncertainty"
 #: Attribute of a probability / uncertainty volume: the id of its segment.
 SEGMENT_ID_ATTRIBUTE = "TextGuidedSeg.SegmentID"
 
+#: Slicer's "Name (Organization)" form; the same text as EXTENSION_CONTRIBUTORS in CMakeLists.txt.
+CONTRIBUTORS = "TextGuidedSeg developers (TextGuidedSeg project)"
+#: The batch script as installed: next to this file, in Scripts/ (see CMakeLists.txt).
+BATCH_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Scripts", "batch_segment.py")
+
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 AXES = ["auto", "axial", "coronal", "sagittal"]
 LATERALITIES = ["patient", "image"]
@@ -155,7 +163,7 @@ class TextGuidedSeg(ScriptedLoadableModule):
         self.parent.title = _("TextGuidedSeg")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["TextGuidedSeg contributors (https://github.com/TextGuidedSeg/SlicerTextGuidedSeg)"]
+        self.parent.contributors = [CONTRIBUTORS]
         self.parent.helpText = _("""
 Segment a volume from text. Type one prompt per line (for example
 <i>bilateral pulmonary infection, lower left lung</i>) and press <b>Apply</b>: each prompt becomes one
@@ -165,11 +173,13 @@ known structure; the full prompt is kept in the segment tag <i>TextGuidedSeg.Pro
 Existing segments are never overwritten: a second run adds new segments.
 Models: the shipped ones, the ones marked <i>(download)</i> (downloaded into the user cache on Apply and
 checked against the manifest's SHA-256), or <b>Import model…</b> (a model folder or .zip, for offline sites).
-Batch use: <code>Slicer --no-main-window --python-script TextGuidedSeg/Scripts/batch_segment.py -- --input DIR
+Segmentation runs in a separate Python process (PythonSlicer): Cancel ends it, and if it crashes or runs
+out of memory Slicer and the scene are not affected.
+Batch use: <code>Slicer --no-main-window --python-script "{script}" -- --input DIR
 --prompt "..." --output DIR</code>.
 <br>Research software: not for clinical use.
 See <a href="https://github.com/TextGuidedSeg/SlicerTextGuidedSeg">the project page</a>.
-""")
+""").format(script=BATCH_SCRIPT)
         self.parent.acknowledgementText = _("""
 Models follow the text-guided segmentation literature (TMC and others; each model card cites its
 paper). Data and their terms: QaTa-COV19 chest X-rays and masks (Degerli et al., Qatar University /
@@ -230,63 +240,21 @@ _IMPORT_MODEL_ITEM = "__import_model__"
 
 @dataclass
 class _Job:
-    """One segmentation run of the GUI: inputs copied on the main thread, a queue the worker fills."""
+    """One segmentation run of the GUI: the child process doing the work and where its results go."""
 
     volumeNodeID: str
     segmentationNodeID: str | None
-    array: np.ndarray
-    ijkToRas: np.ndarray
-    prompts: list
-    model: str | None
-    options: dict
-    messages: queue.Queue = field(default_factory=queue.Queue)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    worker: Any  # TextGuidedSegLib.worker.WorkerJob
     discard: bool = False  # the scene was closed: drop the results
     started: float = field(default_factory=time.perf_counter)
-    thread: threading.Thread | None = None
-
-
-def _inferenceWorker(logic: "TextGuidedSegLogic", job: _Job) -> None:
-    """Worker thread: model download, loading and inference only. Never touches Qt or the MRML scene."""
-    messages = job.messages
-    try:
-        from TextGuidedSegLib.engine import SegmentationCancelled
-        from TextGuidedSegLib.model_store import DownloadCancelled
-    except Exception as exc:  # broken install: report it like any other error
-        messages.put(("error", exc, traceback.format_exc()))
-        return
-    try:
-        if logic.modelNeedsDownload(job.model):
-            messages.put(("status", _("Downloading model {model}…").format(model=job.model)))
-            logic.downloadModel(job.model, progress=lambda done, total: messages.put(("download", done, total)),
-                                cancel=job.cancel)
-            messages.put(("downloaded", job.model))
-        messages.put(("status", _("Loading model…")))
-        model = logic.loadModel(job.model, job.options["device"])
-        if job.cancel.is_set():
-            raise SegmentationCancelled("segmentation cancelled; nothing was written")
-        messages.put(("status", _("Segmenting with {model}…").format(model=model.name)))
-        results = logic.run_inference(job.array, job.ijkToRas, job.prompts, model,
-                                      progress=lambda done, total: messages.put(("progress", done, total)),
-                                      cancel=job.cancel, **job.options)
-        messages.put(("done", results, model.name))
-    except (SegmentationCancelled, DownloadCancelled):
-        messages.put(("cancelled",))
-    except Exception as exc:
-        messages.put(("error", exc, traceback.format_exc()))
 
 
 class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The GUI: forwards to the Logic; Apply runs it in a worker thread and turns into Cancel."""
+    """The GUI: forwards to the Logic; Apply runs the inference in a child process and turns into Cancel."""
 
-    #: The worker is polled on every pass of the event loop ...
-    POLL_INTERVAL_MS = 0
-    #: ... and each poll sleeps this long with the GIL released. Slicer's PythonQt keeps the GIL while
-    #: the main thread waits in the Qt event loop, so a Python worker thread runs only while the main
-    #: thread runs Python code or sleeps (Slicer's SimpleFilters module yields the same way). Without
-    #: it the worker stalls between its torch calls; with it the GUI waits at most this long plus one
-    #: GIL hand-over (up to 25 ms in ``benchmarks/benchmark_gui_worker.py``). 0 disables the yield.
-    GIL_YIELD_SECONDS = 0.01
+    #: How often the panel reads the child's events (progress, status, the end). Each poll only reads
+    #: the new lines of a small file: the GUI never waits on the child.
+    POLL_INTERVAL_MS = 50
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -331,9 +299,11 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel.set()
+        if self._job is not None:  # module reloaded or Slicer closing: stop the child, drop its results
             self._job.discard = True
+            self._job.worker.cancel()
+            self._job.worker.cleanup()
+            self._job = None
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
@@ -350,8 +320,8 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._job is not None:  # results would refer to nodes that are going away
-            self._job.cancel.set()
             self._job.discard = True
+            self._job.worker.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -418,8 +388,7 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateApplyButton(self) -> None:
         if self._job is not None:
             self.ui.applyButton.text = _("Cancel")
-            self.ui.applyButton.toolTip = _("Stop the download or stop after the current batch of slices; "
-                                            "nothing is written.")
+            self.ui.applyButton.toolTip = _("Stop the segmentation (its process is ended); nothing is written.")
             return
         self.ui.applyButton.text = _("Apply")
         p = self._parameterNode
@@ -521,9 +490,9 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self, checked: bool = False) -> None:
         if self._job is not None:  # Apply is Cancel while running
-            self._job.cancel.set()
+            self._job.worker.cancel()
             self.ui.applyButton.enabled = False
-            self._setStatus(_("Cancelling after the current batch…"))
+            self._setStatus(_("Cancelling…"))
             return
         try:
             job = self._startJob()
@@ -545,7 +514,6 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.maximum = 0  # busy until the first batch reports
         self.ui.progressBar.show()
         self._updateApplyButton()
-        job.thread.start()
         self._timer.start()
 
     def _startJob(self) -> _Job:
@@ -555,38 +523,25 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not prompts and not self.logic.modelIsTextFree(p.modelName or None):
             raise ValueError(_("type at least one prompt (one per line); only text-free models (ProLearn) "
                                "segment without one"))
-        volumeNode = p.inputVolume
-        # Copied on the main thread: the worker never reads the scene.
-        array = TextGuidedSegLogic.volumeArray(volumeNode)
-        self.logic.checkNodes(volumeNode, p.outputSegmentation)
-        ijkToRas = TextGuidedSegLogic.ijkToRasArray(volumeNode)
-        job = _Job(volumeNodeID=volumeNode.GetID(),
-                   segmentationNodeID=p.outputSegmentation.GetID() if p.outputSegmentation else None,
-                   array=array, ijkToRas=ijkToRas, prompts=prompts, model=p.modelName or None,
-                   options=dict(threshold=p.threshold, device=p.device, axis=p.axis, laterality=p.laterality,
-                                probability=p.writeProbability, samples=p.samples))
-        job.thread = threading.Thread(target=_inferenceWorker, args=(self.logic, job), name="TextGuidedSeg",
-                                      daemon=True)
         self._setStatus(_("Starting…"))
-        return job
+        worker = self.logic.startInference(p.inputVolume, prompts, p.modelName or None, p.outputSegmentation,
+                                           threshold=p.threshold, device=p.device, axis=p.axis,
+                                           laterality=p.laterality, probability=p.writeProbability,
+                                           samples=p.samples)
+        return _Job(volumeNodeID=p.inputVolume.GetID(),
+                    segmentationNodeID=p.outputSegmentation.GetID() if p.outputSegmentation else None, worker=worker)
 
     def _pollWorker(self) -> None:
         job = self._job
         if job is None:
             self._timer.stop()
             return
-        while True:
-            try:
-                message = job.messages.get_nowait()
-            except queue.Empty:
-                if self.GIL_YIELD_SECONDS > 0:
-                    time.sleep(self.GIL_YIELD_SECONDS)  # let the worker thread run (see GIL_YIELD_SECONDS)
-                return
-            kind = message[0]
+        for event in job.worker.poll():
+            kind = event.get("event")
             if kind == "status":
-                self._setStatus(message[1])
+                self._setStatus(event["text"])
             elif kind == "download":  # bytes, shown in kB (a QProgressBar holds an int)
-                done, total = message[1], message[2]
+                done, total = int(event["done"]), int(event["total"])
                 self.ui.progressBar.format = "%p%"
                 self.ui.progressBar.maximum = total // 1024 if total else 0
                 self.ui.progressBar.value = done // 1024 if total else 0
@@ -597,22 +552,25 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.maximum = 0  # busy until the first batch reports
                 self.refreshModelList()
             elif kind == "progress":
-                done, total = message[1], message[2]
+                done, total = int(event["done"]), int(event["total"])
                 self.ui.progressBar.format = _("%v / %m slices")
                 self.ui.progressBar.maximum = total
                 self.ui.progressBar.value = done
                 self._setStatus(_("Segmenting: {done} / {total} slices").format(done=done, total=total))
-            else:
-                self._finishJob(job, message)
+            elif kind in job.worker.FINAL_EVENTS:
+                try:
+                    self._finishJob(job, event)
+                finally:
+                    job.worker.cleanup()
                 return
 
-    def _finishJob(self, job: _Job, message: tuple) -> None:
+    def _finishJob(self, job: _Job, event: dict) -> None:
         """Main thread: write the nodes (only after success), report, and turn Cancel back into Apply."""
         self._timer.stop()
         self._job = None
         self.ui.progressBar.hide()
         self._updateApplyButton()
-        kind = message[0]
+        kind = event["event"]
         if job.discard:
             self._setStatus(_("Stopped: the scene was closed."))
             return
@@ -620,11 +578,11 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(_("Cancelled: the scene was not changed."))
             return
         if kind == "error":
-            error, details = message[1], message[2]
+            error = event.get("message", "")
             self._setStatus(_("Failed: {error}").format(error=error))
-            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error), detailedText=details)
+            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error),
+                                     detailedText=event.get("traceback", ""))
             return
-        results, modelName = message[1], message[2]
         volumeNode = slicer.mrmlScene.GetNodeByID(job.volumeNodeID)
         segmentationNode = slicer.mrmlScene.GetNodeByID(job.segmentationNodeID) if job.segmentationNodeID else None
         if volumeNode is None:
@@ -632,7 +590,8 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(_("Input volume removed: nothing was written."))
             return
         try:
-            written = self.logic.write_results(volumeNode, results, segmentationNode, modelName=modelName)
+            results = job.worker.results()
+            written = self.logic.write_results(volumeNode, results, segmentationNode, modelName=event.get("model", ""))
         except Exception as exc:
             logger.exception("writing the segmentation failed")
             slicer.util.errorDisplay(_("Could not write the segmentation: {error}").format(error=exc),
@@ -852,14 +811,11 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def modelNeedsDownload(model=None) -> bool:
         """True when ``model`` (a name; None: the default model) is a manifest model not downloaded yet."""
-        from TextGuidedSegLib.model_store import DEFAULT_MODEL, list_models
+        from TextGuidedSegLib.model_store import needs_download
 
         if model is not None and not isinstance(model, str):  # a LoadedModel or a path object
             return False
-        name = model or DEFAULT_MODEL
-        if os.path.isdir(name):
-            return False
-        return any(e.name == name and e.url and e.path is None for e in list_models())
+        return needs_download(model)
 
     def downloadModel(self, name: str | None = None, progress: Callable[[int, int], None] | None = None,
                       cancel: threading.Event | None = None) -> str:
@@ -884,6 +840,52 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
         if isinstance(model, LoadedModel):
             return model
         return load_model(os.fspath(model) if model else None, device=select_device(device))
+
+    # --- inference in a child process (the GUI) -------------------------------------------------
+
+    #: Environment variable naming the Python that runs the inference (default: ``PythonSlicer`` in
+    #: Slicer, this interpreter elsewhere), e.g. a separate environment with a CUDA build of torch.
+    WORKER_PYTHON_VARIABLE = "TEXTGUIDEDSEG_WORKER_PYTHON"
+
+    @classmethod
+    def workerCommand(cls) -> list:
+        """The child's command line (without the job folder): ``<python> -m TextGuidedSegLib.worker``."""
+        from TextGuidedSegLib.worker import default_worker_command
+
+        python = os.environ.get(cls.WORKER_PYTHON_VARIABLE)
+        if not python and IN_SLICER_APP:
+            python = shutil.which("PythonSlicer")
+            if python is None:
+                raise RuntimeError(_("PythonSlicer was not found on the PATH of this Slicer; it runs the "
+                                     "segmentation in its own process. Reinstall Slicer."))
+        return default_worker_command(python or sys.executable)
+
+    @staticmethod
+    def temporaryFolder() -> str | None:
+        """Where job folders go: Slicer's temporary folder in the application, the system's elsewhere."""
+        return slicer.app.temporaryPath if IN_SLICER_APP else None
+
+    def startInference(self, volumeNode, prompts: str | Sequence[str], model=None, segmentationNode=None, *,
+                       threshold: float = 0.5, device: str = "auto", axis: str = "auto",
+                       laterality: str = "patient", probability: bool = False, samples: int | None = None,
+                       batchSize: int | str = "auto"):
+        """Start segmenting ``volumeNode`` in a child process; returns its ``TextGuidedSegLib.worker.WorkerJob``.
+
+        The voxels are copied to a temporary folder now; nothing in the scene changes until the caller
+        polls the job to its ``done`` event and passes ``job.results()`` to :meth:`write_results`.
+        Inputs that could not be written are refused here, before the child starts.
+        """
+        from TextGuidedSegLib.worker import WorkerJob
+
+        array = self.volumeArray(volumeNode)
+        self.checkNodes(volumeNode, segmentationNode)
+        options = dict(threshold=float(threshold), device=device, axis=axis, prompt_laterality=laterality,
+                       return_probability=bool(probability), batch_size=batchSize)
+        if samples is not None:
+            options["samples"] = int(samples)
+        return WorkerJob.start(array, self.ijkToRasArray(volumeNode), self.parsePrompts(prompts),
+                               os.fspath(model) if model else None, options=options, command=self.workerCommand(),
+                               temp_root=self.temporaryFolder())
 
     def run_inference(self, volume: np.ndarray, ijkToRas: np.ndarray, prompts: str | Sequence[str], model=None, *,
                       threshold: float = 0.5, device: str = "auto", axis: str = "auto",

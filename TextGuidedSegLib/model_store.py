@@ -151,6 +151,15 @@ def resolve_model(name_or_path: str | None) -> ModelEntry:
                           f"(installed: {known}). Import one with 'textguidedseg models import PATH'.")
 
 
+def needs_download(name_or_path: str | None) -> bool:
+    """True when ``name_or_path`` (None: the default model) is a manifest model with a ``url`` whose
+    verified copy is not in the cache yet (:func:`download_model` fetches it). Reads no weights."""
+    name = name_or_path or DEFAULT_MODEL
+    if Path(name).is_dir():
+        return False
+    return any(e.name == name and e.url and e.path is None for e in list_models())
+
+
 _LOADED: dict[tuple[str, str], LoadedModel] = {}
 
 
