@@ -471,38 +471,54 @@ def _wrap_worker_poll(monkeypatch) -> list:
     return seen
 
 
-def _assert_child_gone(job_dir: Path, worker) -> None:
-    assert worker.process.poll() is not None, "the child process is still running"
-    assert not job_dir.exists(), "the job folder was left behind"
+@pytest.fixture
+def make_widget(tgs):
+    """``headless_widget`` for this module; each widget's child process is ended (and checked gone) afterwards."""
+    made = []
+
+    def make(*args, **kwargs):
+        widget = headless_widget(tgs, *args, **kwargs)
+        made.append(widget)
+        return widget
+
+    yield make
+    for widget in made:
+        worker = widget.logic._worker
+        widget.logic.stopWorker()
+        if worker is not None:
+            assert not worker.alive and not worker.folder.exists()
+
+
+def _started(events: list) -> list:
+    return [e for e in events if e["event"] == "started"]
 
 
 def test_widget_segments_in_a_child_process(tgs, app_scene, errors_shown, volume_node, tiny_model_dir, reference,
-                                            monkeypatch):
+                                            monkeypatch, make_widget):
     """Apply runs inference in another Python process; the polls (here between 20 ms waits that keep the
     GIL, as Slicer's event loop does) report its progress and, at the end, write the same segments as
-    the in-process engine, voxel for voxel."""
+    the in-process engine, voxel for voxel. The child stays loaded: a second Apply reuses it."""
     threshold, expected = reference
     events = _wrap_worker_poll(monkeypatch)
-    widget = headless_widget(tgs, volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold)
+    widget = make_widget(volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold)
 
     widget.onApplyButton()
-    job = widget._job
-    assert job is not None and widget._timer.active and job.worker.pid != os.getpid()
+    run = widget._job.run
+    assert widget._timer.active and run.pid != os.getpid()
     assert widget.ui.applyButton.text == "Cancel" and widget.ui.progressBar.visible
-    job_dir = job.worker.job_dir
-    run = run_event_loop(widget, gil_held_between_polls=0.02, timeout=120)
+    loop = run_event_loop(widget, gil_held_between_polls=0.02, timeout=120)
 
-    started = next(e for e in events if e["event"] == "started")
-    assert started["pid"] == job.worker.pid != os.getpid()
+    (started,) = _started(events)
+    assert started["pid"] == run.pid != os.getpid() and started["warm"] is False
     assert started["python"] == "%d.%d.%d" % sys.version_info[:3]
-    _assert_child_gone(job_dir, job.worker)
+    assert not run.job_dir.exists() and run.worker.alive  # job folder gone, child kept for the next run
     assert widget._job is None and not widget._timer.active and not widget.ui.progressBar.visible
     assert widget.ui.applyButton.text == "Apply" and widget.ui.applyButton.enabled
     assert widget.ui.statusLabel.text.startswith("Done in ") and widget.ui.statusLabel.text.endswith(", ".join(NAMES))
     assert "Loading model…" in widget.ui.statusLabel.history
     values = [v for v, _ in widget.ui.progressBar.history if v]
     assert values == sorted(values) and widget.ui.progressBar.history[-1] == (26, 26)  # 13 slices x 2 prompts
-    assert run.polls >= 2
+    assert loop.polls >= 2
 
     node = widget._parameterNode.outputSegmentation  # the new segmentation becomes the panel's output
     assert node is not None and node.GetScene() is app_scene
@@ -516,26 +532,28 @@ def test_widget_segments_in_a_child_process(tgs, app_scene, errors_shown, volume
                                       result.labels != 0)
     assert not errors_shown
 
-    widget.onApplyButton()  # a second Apply adds to the same segmentation, never overwrites
+    widget.onApplyButton()  # a second Apply adds to the same segmentation, never overwrites ...
     run_event_loop(widget, timeout=120)
     assert [node.GetSegmentation().GetSegment(i).GetName() for i in _segment_ids(node)] == (
         NAMES + [f"{n} (2)" for n in NAMES])
+    second = _started(events)[1]  # ... in the same, already loaded child
+    assert second["pid"] == started["pid"] and second["warm"] is True
 
 
 @pytest.mark.skipif(not os.environ.get("TEXTGUIDEDSEG_TEST_PYTHON39"),
                     reason="set TEXTGUIDEDSEG_TEST_PYTHON39 to a Python 3.9 with the library's requirements "
                            "(.ci/run does) to run the panel's child process on Slicer 5.6 / 5.8's Python")
 def test_widget_child_process_on_python39(tgs, app_scene, errors_shown, volume_node, tiny_model_dir, reference,
-                                          monkeypatch):
+                                          monkeypatch, make_widget):
     """The panel with its child on Python 3.9, numpy < 2 (what Slicer 5.6 / 5.8 run): same voxels."""
     threshold, expected = reference
     monkeypatch.setenv(tgs.TextGuidedSegLogic.WORKER_PYTHON_VARIABLE, os.environ["TEXTGUIDEDSEG_TEST_PYTHON39"])
     events = _wrap_worker_poll(monkeypatch)
-    widget = headless_widget(tgs, volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold)
+    widget = make_widget(volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold)
     widget.onApplyButton()
     run_event_loop(widget, timeout=300)
     assert not errors_shown, errors_shown
-    assert next(e for e in events if e["event"] == "started")["python"].startswith("3.9.")
+    assert _started(events)[0]["python"].startswith("3.9.")
     node = widget._parameterNode.outputSegmentation
     for segment_id, result in zip(_segment_ids(node), expected):
         np.testing.assert_array_equal(_export(app_scene, tgs, node, segment_id, volume_node)[0] != 0,
@@ -548,11 +566,11 @@ def _one_slice_per_batch(widget) -> None:
     widget.logic.startInference = lambda *a, **kw: start(*a, **dict(kw, batchSize=1))
 
 
-def test_widget_cancel_mid_run_ends_the_child(tgs, app_scene, errors_shown, volume_node, tiny_model_dir,
-                                              reference, monkeypatch):
+def test_widget_cancel_mid_run_stops_the_child(tgs, app_scene, errors_shown, volume_node, tiny_model_dir,
+                                               reference, monkeypatch, make_widget):
     threshold, _ = reference
     events = _wrap_worker_poll(monkeypatch)
-    widget = headless_widget(tgs, volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold)
+    widget = make_widget(volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold)
     _one_slice_per_batch(widget)
     before = _node_ids(app_scene)
 
@@ -560,21 +578,25 @@ def test_widget_cancel_mid_run_ends_the_child(tgs, app_scene, errors_shown, volu
         if w._job is not None and w.ui.applyButton.text == "Cancel" and w.ui.applyButton.enabled and any(
                 e["event"] == "progress" for e in events):
             w.onApplyButton()  # the button reads "Cancel"
-            assert w._job.worker.cancelled and not w.ui.applyButton.enabled
+            assert w._job.run.cancelled and not w.ui.applyButton.enabled
             assert w.ui.statusLabel.text == "Cancelling…"
 
     widget.onApplyButton()
-    worker = widget._job.worker
+    run = widget._job.run
     run_event_loop(widget, timeout=120, on_poll=cancel_at_first_batch)
 
     progress = [e for e in events if e["event"] == "progress"]
     assert progress and progress[-1]["done"] < progress[-1]["total"] == 26  # it stopped part-way
-    assert events[-1] == {"event": "cancelled"}
-    _assert_child_gone(worker.job_dir, worker)
+    assert events[-1] == {"event": "cancelled"} and not run.job_dir.exists()
     assert widget.ui.statusLabel.text == "Cancelled: the scene was not changed."
     assert widget.ui.applyButton.text == "Apply" and widget.ui.applyButton.enabled
     assert _node_ids(app_scene) == before and widget._parameterNode.outputSegmentation is None
     assert not errors_shown
+
+    widget.onApplyButton()  # the child stopped its job cleanly and serves the next one
+    run_event_loop(widget, timeout=120)
+    assert widget.ui.statusLabel.text.startswith("Done in ")
+    assert _started(events)[1]["pid"] == _started(events)[0]["pid"]
 
 
 _CRASHING_WORKER = """
@@ -605,7 +627,7 @@ sys.exit(worker.main())
                 "or use another device; the scene was not changed", "TextGuidedSeg inference worker"),
 ])
 def test_widget_survives_a_child_that_crashes(tgs, app_scene, errors_shown, volume_node, tiny_model_dir, reference,
-                                              tmp_path, monkeypatch, how, expected, detail):
+                                              tmp_path, monkeypatch, make_widget, how, expected, detail):
     """The real worker dies mid-run (a segfault, or SIGKILL as from the out-of-memory killer): one clear
     message with the end of the child's log, nothing written, existing segments untouched, Apply again."""
     threshold, _ = reference
@@ -616,10 +638,10 @@ def test_widget_survives_a_child_that_crashes(tgs, app_scene, errors_shown, volu
     segmentation = app_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "existing")
     segmentation.GetSegmentation().AddEmptySegment("kept", "kept")
     before = _node_ids(app_scene)
-    widget = headless_widget(tgs, volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold,
-                             outputSegmentation=segmentation)
+    widget = make_widget(volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold,
+                         outputSegmentation=segmentation)
     widget.onApplyButton()
-    worker = widget._job.worker
+    run = widget._job.run
     run_event_loop(widget, timeout=120)
 
     assert any(e["event"] == "progress" for e in events)  # it died mid-run, after the first batch
@@ -628,48 +650,50 @@ def test_widget_survives_a_child_that_crashes(tgs, app_scene, errors_shown, volu
     assert detail in kw["detailedText"]  # the end of the child's log: its crash report, or its last words
     assert widget.ui.statusLabel.text == "Failed: " + expected[len("Segmentation failed: "):]
     assert widget.ui.applyButton.text == "Apply" and widget.ui.applyButton.enabled
-    _assert_child_gone(worker.job_dir, worker)
+    assert not run.worker.alive and not run.job_dir.exists()
     assert _node_ids(app_scene) == before and _segment_ids(segmentation) == ["kept"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_widget_survives_a_child_killed_from_outside(tgs, app_scene, errors_shown, volume_node, tiny_model_dir,
-                                                     reference, monkeypatch):
+                                                     reference, monkeypatch, make_widget):
     threshold, _ = reference
     events = _wrap_worker_poll(monkeypatch)
-    widget = headless_widget(tgs, volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold)
+    widget = make_widget(volume_node, str(tiny_model_dir), "\n".join(PROMPTS), threshold=threshold)
     _one_slice_per_batch(widget)
     before = _node_ids(app_scene)
     killed = []
 
     def kill_at_first_batch(w) -> None:
         if not killed and w._job is not None and any(e["event"] == "progress" for e in events):
-            os.kill(w._job.worker.pid, 9)
-            killed.append(w._job.worker)
+            os.kill(w._job.run.pid, 9)
+            killed.append(w._job.run)
 
     widget.onApplyButton()
     run_event_loop(widget, timeout=120, on_poll=kill_at_first_batch)
     (text, kw), = errors_shown
     assert text.startswith("Segmentation failed: the inference process was killed (SIGKILL) before it finished")
-    _assert_child_gone(killed[0].job_dir, killed[0])
+    assert not killed[0].worker.alive and not killed[0].job_dir.exists()
     assert _node_ids(app_scene) == before and widget._parameterNode.outputSegmentation is None
-    widget.onApplyButton()  # the panel works again afterwards
+    widget.onApplyButton()  # the panel works again afterwards, in a new child
     run_event_loop(widget, timeout=120)
     assert widget.ui.statusLabel.text.startswith("Done in ")
+    assert _started(events)[-1]["pid"] != killed[0].pid and not killed[0].worker.folder.exists()
 
 
-def test_widget_reports_errors_and_writes_nothing(tgs, app_scene, errors_shown, volume_node, tmp_path, reference):
+def test_widget_reports_errors_and_writes_nothing(tgs, app_scene, errors_shown, volume_node, tmp_path, reference,
+                                                  make_widget):
     before = _node_ids(app_scene)
     missing = tmp_path / "no-such-model"
-    widget = headless_widget(tgs, volume_node, str(missing), PROMPTS[0])
+    widget = make_widget(volume_node, str(missing), PROMPTS[0])
     widget.onApplyButton()
-    worker = widget._job.worker
+    run = widget._job.run
     run_event_loop(widget, timeout=60)  # fails in the child: shown on the main thread
     (text, kw), = errors_shown
     assert text.startswith("Segmentation failed: model ") and "no-such-model" in text and "not found" in text
     assert "Traceback" in kw["detailedText"] and "CheckpointError" in kw["detailedText"]
     assert widget.ui.statusLabel.text.startswith("Failed: ") and widget.ui.applyButton.text == "Apply"
-    _assert_child_gone(worker.job_dir, worker)
+    assert not run.job_dir.exists()
 
     errors_shown.clear()
     widget._parameterNode.inputVolume = None  # refused before any process starts
@@ -681,19 +705,19 @@ def test_widget_reports_errors_and_writes_nothing(tgs, app_scene, errors_shown, 
 
 
 def test_widget_drops_results_when_the_scene_closes(tgs, app_scene, errors_shown, volume_node, tiny_model_dir,
-                                                    reference):
+                                                    reference, make_widget):
     threshold, _ = reference
-    widget = headless_widget(tgs, volume_node, str(tiny_model_dir), PROMPTS[0], threshold=threshold)
+    widget = make_widget(volume_node, str(tiny_model_dir), PROMPTS[0], threshold=threshold)
     before = _node_ids(app_scene)
     widget.onApplyButton()
-    worker = widget._job.worker
+    run = widget._job.run
     widget.onSceneStartClose(None, None)
-    assert widget._job.worker.cancelled and widget._parameterNode is None
+    assert run.cancelled and widget._parameterNode is None
     run_event_loop(widget, timeout=60)
     assert widget.ui.statusLabel.text == "Stopped: the scene was closed."
     assert _node_ids(app_scene) == before and not errors_shown
     assert widget.ui.applyButton.text == "Apply" and not widget.ui.applyButton.enabled  # no volume selected now
-    _assert_child_gone(worker.job_dir, worker)
+    assert not run.job_dir.exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from TextGuidedSegLib.checkpoint import save_pretrained
 from TextGuidedSegLib.engine import segment_volume
 from TextGuidedSegLib.model_store import load_model
 from TextGuidedSegLib.models import build_model
-from TextGuidedSegLib.worker import RESULTS_DIR, WorkerJob, main
+from TextGuidedSegLib.worker import RESULTS_DIR, WorkerJob, WorkerProcess, main
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +49,13 @@ def test_worker_results_equal_the_engine(tiny_model_dir, tmp_path):
     expected = segment_volume(volume, ijk_to_ras, prompts, model, device="cpu", threshold=threshold,
                               return_probability=True)
 
-    job = WorkerJob.start(volume, ijk_to_ras, prompts, str(tiny_model_dir), temp_root=str(tmp_path),
+    worker = WorkerProcess(temp_root=str(tmp_path))
+    job = WorkerJob.start(volume, ijk_to_ras, prompts, str(tiny_model_dir), temp_root=str(tmp_path), worker=worker,
                           options=dict(device="cpu", threshold=threshold, return_probability=True, batch_size=2))
     events = _run_to_end(job)
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "started" and kinds[-1] == "done" and events[0]["pid"] == job.pid
-    assert events[0]["python"] == "%d.%d.%d" % sys.version_info[:3]
+    assert kinds[0] == "started" and kinds[-1] == "done" and events[0]["pid"] == job.pid == worker.pid
+    assert events[0]["python"] == "%d.%d.%d" % sys.version_info[:3] and events[0]["warm"] is False
     progress = [(e["done"], e["total"]) for e in events if e["event"] == "progress"]
     assert progress == [(2, 10), (4, 10), (5, 10), (7, 10), (9, 10), (10, 10)]  # batches of 2 slices, 2 prompts
     results = job.results()
@@ -68,7 +69,32 @@ def test_worker_results_equal_the_engine(tiny_model_dir, tmp_path):
         assert got.uncertainty is None
     json.loads((job.job_dir / RESULTS_DIR / "results.json").read_text())  # complete, not .partial
     job.cleanup()
-    assert not job.job_dir.exists() and list(tmp_path.iterdir()) == []
+    assert not job.job_dir.exists() and worker.alive
+
+    again = WorkerJob.start(volume, ijk_to_ras, prompts[1:], str(tiny_model_dir), temp_root=str(tmp_path),
+                            worker=worker, options=dict(device="cpu", threshold=threshold))
+    events = _run_to_end(again)
+    assert events[0]["event"] == "started" and events[0]["pid"] == worker.pid and events[0]["warm"] is True
+    np.testing.assert_array_equal(again.results()[0].labels, expected[1].labels)
+    again.cleanup()
+    worker.close()  # stdin closed: the child exits by itself
+    assert worker.process.returncode == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_idle_worker_exits_by_itself_and_on_sigterm(tmp_path):
+    idle = WorkerProcess(temp_root=str(tmp_path), idle_seconds=1.0)
+    assert idle.process.wait(60) == 0
+    assert idle.log_tail().endswith("no job for 1 s: exiting")
+    idle.close()
+    waiting = WorkerProcess(temp_root=str(tmp_path))
+    start = time.monotonic()
+    while "TextGuidedSeg inference worker" not in waiting.log_tail():  # logged once its SIGTERM handler is set
+        assert time.monotonic() - start < 60, waiting.log_tail()
+        time.sleep(0.05)
+    waiting.interrupt()  # no job running: it just exits
+    assert waiting.process.wait(60) == 0
+    waiting.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_worker_error_is_one_event_with_the_traceback(tmp_path):
@@ -79,11 +105,12 @@ def test_worker_error_is_one_event_with_the_traceback(tmp_path):
     final = events[-1]
     assert final["event"] == "error" and final["type"] == "CheckpointError"
     assert "missing-model" in final["message"] and "not found" in final["message"]
-    assert final["traceback"].startswith("Traceback") and job.process.returncode == 1
+    assert final["traceback"].startswith("Traceback") and job.worker.alive  # an error ends the job, not the child
     with pytest.raises(RuntimeError, match="has not finished successfully"):
         job.results()
     job.cleanup()
-    assert not job.job_dir.exists()
+    job.worker.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_job_options_are_refused_before_anything_is_written(tmp_path):
@@ -95,6 +122,10 @@ def test_bad_job_options_are_refused_before_anything_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_worker_entry_point_needs_a_job_folder(tmp_path, capsys):
-    assert main([str(tmp_path / "nope")]) == 1
-    assert "usage: python -m TextGuidedSegLib.worker JOB_DIR" in capsys.readouterr().err
+def test_worker_skips_a_line_that_is_not_a_job_folder(tmp_path, monkeypatch, caplog):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{tmp_path / 'nope'}\n"))
+    with caplog.at_level("ERROR"):
+        assert main(["--idle-seconds", "5"]) == 0  # stdin ends after the bad line: a clean exit
+    assert f"{tmp_path / 'nope'} is not a job folder (no request.json): skipped" in caplog.text

@@ -128,8 +128,7 @@ def run_event_loop(widget, *, gil_held_between_polls: float | None = None, timeo
     while widget._timer.active:
         if time.perf_counter() - start > timeout:
             if widget._job is not None:
-                widget._job.worker.cancel()
-                widget._job.worker.cleanup()
+                widget._job.run.cleanup()
             raise TimeoutError(f"the widget's job did not finish within {timeout:.0f} s")
         _hold_gil_for(wait)
         t0 = time.perf_counter()

@@ -244,7 +244,7 @@ class _Job:
 
     volumeNodeID: str
     segmentationNodeID: str | None
-    worker: Any  # TextGuidedSegLib.worker.WorkerJob
+    run: Any  # TextGuidedSegLib.worker.WorkerJob
     discard: bool = False  # the scene was closed: drop the results
     started: float = field(default_factory=time.perf_counter)
 
@@ -299,13 +299,14 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None:  # module reloaded or Slicer closing: stop the child, drop its results
+        if self._job is not None:  # module reloaded or Slicer closing: drop the run's results
             self._job.discard = True
-            self._job.worker.cancel()
-            self._job.worker.cleanup()
+            self._job.run.cleanup()
             self._job = None
         if self._timer is not None:
             self._timer.stop()
+        if self.logic is not None:
+            self.logic.stopWorker()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -321,7 +322,7 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self._job is not None:  # results would refer to nodes that are going away
             self._job.discard = True
-            self._job.worker.cancel()
+            self._job.run.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -490,7 +491,7 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self, checked: bool = False) -> None:
         if self._job is not None:  # Apply is Cancel while running
-            self._job.worker.cancel()
+            self._job.run.cancel()
             self.ui.applyButton.enabled = False
             self._setStatus(_("Cancelling…"))
             return
@@ -524,19 +525,19 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise ValueError(_("type at least one prompt (one per line); only text-free models (ProLearn) "
                                "segment without one"))
         self._setStatus(_("Starting…"))
-        worker = self.logic.startInference(p.inputVolume, prompts, p.modelName or None, p.outputSegmentation,
+        run = self.logic.startInference(p.inputVolume, prompts, p.modelName or None, p.outputSegmentation,
                                            threshold=p.threshold, device=p.device, axis=p.axis,
                                            laterality=p.laterality, probability=p.writeProbability,
                                            samples=p.samples)
         return _Job(volumeNodeID=p.inputVolume.GetID(),
-                    segmentationNodeID=p.outputSegmentation.GetID() if p.outputSegmentation else None, worker=worker)
+                    segmentationNodeID=p.outputSegmentation.GetID() if p.outputSegmentation else None, run=run)
 
     def _pollWorker(self) -> None:
         job = self._job
         if job is None:
             self._timer.stop()
             return
-        for event in job.worker.poll():
+        for event in job.run.poll():
             kind = event.get("event")
             if kind == "status":
                 self._setStatus(event["text"])
@@ -557,11 +558,11 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.maximum = total
                 self.ui.progressBar.value = done
                 self._setStatus(_("Segmenting: {done} / {total} slices").format(done=done, total=total))
-            elif kind in job.worker.FINAL_EVENTS:
+            elif kind in job.run.FINAL_EVENTS:
                 try:
                     self._finishJob(job, event)
                 finally:
-                    job.worker.cleanup()
+                    job.run.cleanup()
                 return
 
     def _finishJob(self, job: _Job, event: dict) -> None:
@@ -590,7 +591,7 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(_("Input volume removed: nothing was written."))
             return
         try:
-            results = job.worker.results()
+            results = job.run.results()
             written = self.logic.write_results(volumeNode, results, segmentationNode, modelName=event.get("model", ""))
         except Exception as exc:
             logger.exception("writing the segmentation failed")
@@ -635,6 +636,7 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.logCallback: Callable[[str], None] | None = None
+        self._worker = None  # TextGuidedSegLib.worker.WorkerProcess, see workerProcess()
 
     def getParameterNode(self) -> TextGuidedSegParameterNode:
         return TextGuidedSegParameterNode(super().getParameterNode())
@@ -849,7 +851,7 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
 
     @classmethod
     def workerCommand(cls) -> list:
-        """The child's command line (without the job folder): ``<python> -m TextGuidedSegLib.worker``."""
+        """The child's command line: ``<python> -m TextGuidedSegLib.worker``."""
         from TextGuidedSegLib.worker import default_worker_command
 
         python = os.environ.get(cls.WORKER_PYTHON_VARIABLE)
@@ -869,7 +871,7 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
                        threshold: float = 0.5, device: str = "auto", axis: str = "auto",
                        laterality: str = "patient", probability: bool = False, samples: int | None = None,
                        batchSize: int | str = "auto"):
-        """Start segmenting ``volumeNode`` in a child process; returns its ``TextGuidedSegLib.worker.WorkerJob``.
+        """Start segmenting ``volumeNode`` in the child process; returns a ``TextGuidedSegLib.worker.WorkerJob``.
 
         The voxels are copied to a temporary folder now; nothing in the scene changes until the caller
         polls the job to its ``done`` event and passes ``job.results()`` to :meth:`write_results`.
@@ -884,8 +886,26 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
         if samples is not None:
             options["samples"] = int(samples)
         return WorkerJob.start(array, self.ijkToRasArray(volumeNode), self.parsePrompts(prompts),
-                               os.fspath(model) if model else None, options=options, command=self.workerCommand(),
+                               os.fspath(model) if model else None, options=options, worker=self.workerProcess(),
                                temp_root=self.temporaryFolder())
+
+    def workerProcess(self):
+        """The child process that runs this Logic's inference (``TextGuidedSegLib.worker.WorkerProcess``):
+        started at the first run and kept, with torch and the last model loaded, while it lives (it exits
+        by itself after ``IDLE_SECONDS`` without a job, and a crashed one is replaced)."""
+        from TextGuidedSegLib.worker import WorkerProcess
+
+        command = self.workerCommand()
+        if self._worker is None or not self._worker.alive or self._worker.command != command:
+            self.stopWorker()
+            self._worker = WorkerProcess(command, temp_root=self.temporaryFolder())
+        return self._worker
+
+    def stopWorker(self) -> None:
+        """End the child process (if any) and remove its folder."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def run_inference(self, volume: np.ndarray, ijkToRas: np.ndarray, prompts: str | Sequence[str], model=None, *,
                       threshold: float = 0.5, device: str = "auto", axis: str = "auto",

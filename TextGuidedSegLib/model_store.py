@@ -173,6 +173,11 @@ def load_model(name_or_path: str | None = None, device: str | torch.device = "cp
     return _LOADED[key]
 
 
+def forget_loaded_models() -> None:
+    """Drop the models :func:`load_model` keeps, so that their memory can be freed."""
+    _LOADED.clear()
+
+
 def _check_weights(weights: Path, size: int | None, sha256: str | None, what: str) -> None:
     if not weights.is_file():
         raise CheckpointError(f"{what}: no {WEIGHTS_NAME}")

@@ -2,31 +2,34 @@
 their models: a crash, a runaway allocation or an out-of-memory kill ends the child, never Slicer
 and the user's unsaved scene.
 
-The parent (the Slicer panel; it needs neither torch nor a model) writes a job folder and starts
-``python -m TextGuidedSegLib.worker JOB_DIR`` (``PythonSlicer`` inside Slicer)::
+The parent (the Slicer panel; it needs neither torch nor a model) starts ``python -m
+TextGuidedSegLib.worker`` (``PythonSlicer`` inside Slicer; :class:`WorkerProcess`), which stays loaded
+between runs, and hands it one job folder per run on its stdin (:class:`WorkerJob`)::
 
     JOB_DIR/request.json    prompts, model, options, IJK->RAS                     written by the parent
     JOB_DIR/volume.npy      the (k, j, i) voxels                                  written by the parent
     JOB_DIR/events.jsonl    one JSON object per line, flushed per event           written by the child
-    JOB_DIR/worker.log      the child's stdout and stderr (tracebacks, crashes)   written by the child
     JOB_DIR/results/        one .npy per array + results.json, renamed into place only once every
                             prompt is done                                        written by the child
 
-Events: ``started`` (pid, python), ``status`` (text), ``download`` (done, total bytes),
+The child's stdout and stderr (tracebacks, crash reports) go to ``worker.log`` in its own folder.
+Events: ``started`` (pid, python, warm), ``status`` (text), ``download`` (done, total bytes),
 ``downloaded``, ``progress`` (done, total slices), ``done`` (model), ``error`` (message, traceback).
 The parent reads the events file instead of a pipe: no reader thread is needed (inside Slicer the
 Qt event loop keeps the GIL, which would starve one) and nothing blocks if the parent is busy.
 :class:`WorkerJob` is the parent side: :meth:`WorkerJob.poll` returns the new events and, once
-the child has exited, one final event: its own ``done`` / ``error``, ``cancelled``, or an ``error``
-that explains a crash or a kill from its exit status and the end of its log.
+the job is over, one final event: the child's own ``done`` / ``error``, ``cancelled``, or an
+``error`` that explains a crash or a kill from its exit status and the end of its log.
 """
 
 from __future__ import annotations
 
+import argparse
 import faulthandler
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -57,6 +60,8 @@ JOB_OPTIONS = ("threshold", "device", "axis", "prompt_laterality", "return_proba
 KILL_GRACE_SECONDS = 5.0
 #: Lines of the child's log shown when it dies without saying why.
 LOG_TAIL_LINES = 20
+#: A child with no job for this long exits (a new one starts at the next run).
+IDLE_SECONDS = 600.0
 
 
 @dataclass
@@ -95,6 +100,101 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+class WorkerProcess:
+    """A child Python that runs jobs one after another and stays loaded in between.
+
+    It reads job folders from its stdin, one per line, and keeps torch and the last model loaded, so
+    a second Apply skips the Python start, ``import torch`` and the model load. It exits when its
+    stdin closes (the parent ended, or :meth:`close`), after ``idle_seconds`` without a job (the
+    memory goes back to the system), on SIGTERM while idle, or when it crashes; the parent then
+    starts a new one. Its stdout and stderr go to ``worker.log`` in its own temporary folder.
+    """
+
+    def __init__(self, command: Sequence[str] | None = None, *, env: dict | None = None,
+                 temp_root: str | None = None, idle_seconds: float = IDLE_SECONDS) -> None:
+        self.command = list(command or default_worker_command())
+        self.folder = Path(tempfile.mkdtemp(prefix="TextGuidedSeg-worker-", dir=temp_root))
+        child_env = dict(os.environ)
+        child_env.update(env or {})
+        # in Slicer the library is not pip-installed: it sits next to the module, on the parent's sys.path only
+        child_env["PYTHONPATH"] = os.pathsep.join(p for p in (_library_parent(), child_env.get("PYTHONPATH", "")) if p)
+        child_env["PYTHONUNBUFFERED"] = "1"
+        child_env.setdefault("PYTHONIOENCODING", "utf-8")
+        popen_kwargs: dict = {}
+        if sys.platform == "win32":
+            popen_kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            popen_kwargs["start_new_session"] = True  # Ctrl-C in a terminal goes to the parent only
+        self._log_file = open(self.folder / LOG_NAME, "wb")
+        try:
+            self.process = subprocess.Popen([*self.command, "--idle-seconds", str(float(idle_seconds))],
+                                            stdin=subprocess.PIPE, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                            cwd=str(self.folder), env=child_env, **popen_kwargs)
+        except BaseException:
+            self._log_file.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        logger.info("inference worker %d started (%s)", self.process.pid, " ".join(self.command))
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def submit(self, job_dir: Path) -> None:
+        """Hand a job folder to the child (it starts as soon as the previous job has ended)."""
+        try:
+            self.process.stdin.write((str(job_dir) + "\n").encode("utf-8"))
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            raise RuntimeError(f"the inference process has ended (exit status {self.process.poll()}); "
+                               "start a new one") from exc
+
+    def interrupt(self) -> None:
+        """Cancel the running job (SIGTERM: the child stops within one batch; on Windows it is ended)."""
+        if self.alive:
+            try:
+                self.process.terminate()
+            except OSError:  # already gone
+                pass
+
+    def kill(self) -> None:
+        if self.alive:
+            self.process.kill()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
+                logger.warning("inference worker %d did not exit", self.pid)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines of the child's stdout / stderr."""
+        try:
+            text = (self.folder / LOG_NAME).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Let the child exit (stdin closed), kill it if it does not within ``timeout``, remove its folder."""
+        if self.alive:
+            try:
+                self.process.stdin.close()
+                self.process.wait(timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+        self._log_file.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class WorkerJob:
     """One inference run in a child process, seen from the parent.
 
@@ -106,21 +206,19 @@ class WorkerJob:
 
     FINAL_EVENTS = ("done", "error", "cancelled")
 
-    def __init__(self, job_dir: Path, process: subprocess.Popen, log_file: Any) -> None:
+    def __init__(self, job_dir: Path, worker: WorkerProcess) -> None:
         self.job_dir = job_dir
-        self.process = process
-        self._log_file = log_file
+        self.worker = worker
         self._offset = 0
         self._partial = b""
-        self._finals: list[dict] = []  # the child's own done / error events, kept until it has exited
         self._cancelled_at: float | None = None
         self.final: dict | None = None
 
     @classmethod
     def start(cls, volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence[str], model: str | None, *,
-              options: dict | None = None, command: Sequence[str] | None = None,
-              temp_root: str | None = None, env: dict | None = None) -> "WorkerJob":
-        """Write the job folder and start the child.
+              options: dict | None = None, worker: WorkerProcess | None = None,
+              temp_root: str | None = None) -> "WorkerJob":
+        """Write the job folder and hand it to ``worker`` (a new :class:`WorkerProcess` when None).
 
         Args:
             volume: the ``(k, j, i)`` voxels (written as is: the child sees the same dtype and values).
@@ -128,10 +226,8 @@ class WorkerJob:
             prompts: one segment per prompt (may be empty for text-free models).
             model: a model name, a model folder, or None (the default model).
             options: keyword options of ``segment_volume`` (see :data:`JOB_OPTIONS`).
-            command: the child's command line without the job folder (default:
-                :func:`default_worker_command`; the panel passes ``PythonSlicer`` inside Slicer).
+            worker: a running :class:`WorkerProcess` to reuse (the panel keeps one).
             temp_root: where the job folder goes (default: the system's temporary folder).
-            env: extra environment variables for the child.
         """
         options = dict(options or {})
         unknown = sorted(set(options) - set(JOB_OPTIONS))
@@ -141,58 +237,35 @@ class WorkerJob:
         if matrix.shape != (4, 4):
             raise ValueError(f"IJK->RAS must be a 4x4 matrix, got shape {matrix.shape}")
         job_dir = Path(tempfile.mkdtemp(prefix="TextGuidedSeg-job-", dir=temp_root))
-        log_file = None
         try:
             np.save(job_dir / VOLUME_NAME, np.asarray(volume), allow_pickle=False)
             request = {"prompts": list(prompts), "model": model, "ijk_to_ras": matrix.tolist(), "options": options}
             (job_dir / REQUEST_NAME).write_text(json.dumps(request), encoding="utf-8")
-            child_env = dict(os.environ)
-            child_env.update(env or {})
-            # in Slicer the library is not pip-installed: it sits next to the module, on the parent's sys.path only
-            child_env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (_library_parent(), child_env.get("PYTHONPATH", "")) if p)
-            child_env["PYTHONUNBUFFERED"] = "1"
-            child_env.setdefault("PYTHONIOENCODING", "utf-8")
-            log_file = open(job_dir / LOG_NAME, "wb")
-            popen_kwargs: dict = {}
-            if sys.platform == "win32":
-                popen_kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-            else:
-                popen_kwargs["start_new_session"] = True  # Ctrl-C in a terminal goes to the parent only
-            process = subprocess.Popen([*(command or default_worker_command()), str(job_dir)],
-                                       stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                       cwd=str(job_dir), env=child_env, **popen_kwargs)
+            if worker is None:
+                worker = WorkerProcess(temp_root=temp_root)
+            worker.submit(job_dir)
         except BaseException:
-            if log_file is not None:
-                log_file.close()
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        logger.info("inference worker %d started in %s", process.pid, job_dir)
-        return cls(job_dir, process, log_file)
+        return cls(job_dir, worker)
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.worker.pid
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled_at is not None
 
     def cancel(self) -> None:
-        """Ask the child to stop (SIGTERM; on Windows it is terminated at once). Idempotent."""
-        if self._cancelled_at is not None:
-            return
-        self._cancelled_at = time.monotonic()
-        if self.process.poll() is None:
-            try:
-                self.process.terminate()
-            except OSError:  # already gone
-                pass
+        """Ask the child to stop this job (it is killed if it has not after the grace time). Idempotent."""
+        if self._cancelled_at is None and self.final is None:
+            self._cancelled_at = time.monotonic()
+            self.worker.interrupt()
 
     def _read_new_events(self) -> list[dict]:
-        path = self.job_dir / EVENTS_NAME
         try:
-            with open(path, "rb") as f:
+            with open(self.job_dir / EVENTS_NAME, "rb") as f:
                 f.seek(self._offset)
                 data = f.read()
         except FileNotFoundError:
@@ -209,39 +282,28 @@ class WorkerJob:
                     logger.warning("inference worker: unreadable event line %r", line[:200])
         return events
 
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        """The last lines of the child's stdout / stderr."""
-        try:
-            text = (self.job_dir / LOG_NAME).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.rstrip().splitlines()[-lines:])
-
     def poll(self) -> list[dict]:
-        """The events written since the last call; once the child has exited, ending with the final event."""
+        """The events written since the last call, ending with the final event once the job is over."""
         if self.final is not None:
             return []
-        if self._cancelled_at is not None and self.process.poll() is None and (
+        if self._cancelled_at is not None and self.worker.alive and (
                 time.monotonic() - self._cancelled_at > KILL_GRACE_SECONDS):
             logger.warning("inference worker %d did not stop after Cancel: killing it", self.pid)
-            self.process.kill()
-        returncode = self.process.poll()  # before reading: every event of an exited child is then on disk
+            self.worker.kill()
+        returncode = self.worker.process.poll()  # before reading: a dead child's events are all on disk
         new = self._read_new_events()
-        self._finals += [e for e in new if e.get("event") in self.FINAL_EVENTS]
         events = [e for e in new if e.get("event") not in self.FINAL_EVENTS]
-        if returncode is None:
+        own = next((e for e in new if e.get("event") in self.FINAL_EVENTS), None)
+        if own is None and returncode is None:
             return events
-        self.final = self._final_event(returncode, self._finals)
-        self._log_file.close()
+        if self._cancelled_at is not None:
+            self.final = {"event": "cancelled"}
+        else:
+            self.final = own if own is not None else self._death_event(returncode)
         return events + [self.final]
 
-    def _final_event(self, returncode: int, finals: list[dict]) -> dict:
-        if self._cancelled_at is not None:
-            return {"event": "cancelled"}
-        own = next((e for e in finals if e.get("event") in ("done", "error")), None)
-        if own is not None and (own["event"] == "error" or returncode == 0):
-            return own
-        tail = self.log_tail()
+    def _death_event(self, returncode: int) -> dict:
+        """The final event of a job whose child died without finishing it: why, from its exit status."""
         if returncode < 0:
             name = _signal_name(-returncode)
             if -returncode == getattr(signal, "SIGKILL", 9):
@@ -250,12 +312,10 @@ class WorkerJob:
                            "time, or use another device")
             else:
                 message = f"the inference process crashed ({name}) before it finished"
-        elif returncode == 0:
-            message = "the inference process ended without results"
         else:
-            message = f"the inference process failed with exit code {returncode}"
+            message = f"the inference process ended with exit status {returncode} before it finished"
         return {"event": "error", "message": message + "; the scene was not changed",
-                "traceback": tail or "(the process wrote nothing)", "returncode": returncode}
+                "traceback": self.worker.log_tail() or "(the process wrote nothing)", "returncode": returncode}
 
     def results(self) -> list[WorkerResult]:
         """The arrays of a job whose final event was ``done``."""
@@ -264,15 +324,9 @@ class WorkerJob:
         return read_results(self.job_dir / RESULTS_DIR)
 
     def cleanup(self) -> None:
-        """Stop the child if it still runs and remove the job folder."""
-        if self.process.poll() is None:
-            self.process.kill()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
-                logger.warning("inference worker %d did not exit", self.pid)
-        if not self._log_file.closed:
-            self._log_file.close()
+        """Remove the job folder; a job abandoned before its end takes its (busy) child with it."""
+        if self.final is None:
+            self.worker.kill()
         shutil.rmtree(self.job_dir, ignore_errors=True)
 
 
@@ -333,7 +387,7 @@ def run_job(job_dir: Path, emit: _Events, cancel: threading.Event) -> str:
     request = json.loads((job_dir / REQUEST_NAME).read_text(encoding="utf-8"))
     volume = np.load(job_dir / VOLUME_NAME, allow_pickle=False)
     from .engine import segment_volume, select_device
-    from .model_store import DEFAULT_MODEL, download_model, load_model, needs_download
+    from .model_store import DEFAULT_MODEL, download_model, forget_loaded_models, load_model, needs_download
 
     model = request.get("model") or DEFAULT_MODEL
     if needs_download(model):
@@ -342,6 +396,10 @@ def run_job(job_dir: Path, emit: _Events, cancel: threading.Event) -> str:
         emit("downloaded", model=model)
     options = dict(request.get("options") or {})
     device = select_device(options.pop("device", "auto"))
+    key = (model, str(device))
+    if _LAST_MODEL and _LAST_MODEL[0] != key:
+        forget_loaded_models()  # keep one model warm, not every model of the session
+    _LAST_MODEL[:] = [key]
     emit("status", text="Loading model…")
     loaded = load_model(model, device=device)
     if not getattr(loaded.model, "samples_masks", False):
@@ -354,23 +412,15 @@ def run_job(job_dir: Path, emit: _Events, cancel: threading.Event) -> str:
     return loaded.name
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Child entry point: ``python -m TextGuidedSegLib.worker JOB_DIR``. Exit 0 on success, 1 on an
-    error (reported as an ``error`` event), 2 when cancelled."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or not Path(args[0]).is_dir():
-        print("usage: python -m TextGuidedSegLib.worker JOB_DIR (a folder written by WorkerJob.start)",
-              file=sys.stderr)
-        return 1
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    faulthandler.enable()  # a crash in native code leaves its Python stack in the log the panel shows
-    job_dir = Path(args[0])
+_LAST_MODEL: list = []  # (model, device) of the previous job of this process
+
+
+def run_one(job_dir: Path, cancel: threading.Event) -> None:
+    """Run one job, reporting everything (its end included) as events in ``job_dir``; never raises an
+    ``Exception``."""
     emit = _Events(job_dir / EVENTS_NAME)
-    cancel = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: cancel.set())  # stop within one batch, clean up
-    emit("started", pid=os.getpid(), python=sys.version.split()[0])
-    logger.info("TextGuidedSeg inference worker %d, Python %s, job %s", os.getpid(), sys.version.split()[0], job_dir)
     try:
+        emit("started", pid=os.getpid(), python=sys.version.split()[0], warm="torch" in sys.modules)
         emit("status", text="Loading libraries…")
         from .engine import SegmentationCancelled
         from .model_store import DownloadCancelled
@@ -379,15 +429,64 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = run_job(job_dir, emit, cancel)
         except (SegmentationCancelled, DownloadCancelled):
             emit("cancelled")
-            return 2
+            return
         emit("done", model=name)
-        return 0
     except Exception as exc:
         emit("error", message=str(exc) or type(exc).__name__, type=type(exc).__name__,
              traceback=traceback.format_exc())
-        return 1
     finally:
         emit.close()
+
+
+def _read_lines(stream: Any, lines: "queue.Queue[str | None]") -> None:
+    for line in stream:
+        if line.strip():
+            lines.put(line.strip())
+    lines.put(None)  # stdin closed: the parent has gone or is done with us
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Child entry point: ``python -m TextGuidedSegLib.worker [--idle-seconds S]`` runs the job folders
+    (written by :meth:`WorkerJob.start`) named on its stdin, one per line, one after another."""
+    parser = argparse.ArgumentParser(prog="python -m TextGuidedSegLib.worker",
+                                     description="Run the segmentation jobs whose folders arrive on stdin, one "
+                                                 "per line (written by TextGuidedSegLib.worker.WorkerJob.start).")
+    parser.add_argument("--idle-seconds", type=float, default=IDLE_SECONDS,
+                        help="exit after this long without a job (default %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    faulthandler.enable()  # a crash in native code leaves its Python stack in the log the panel shows
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(sys.stdin, lines), name="stdin", daemon=True).start()
+    running: list = []  # the cancel event of the job being run, if any
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if running:
+            running[0].set()  # the job stops within one batch or one download chunk, and cleans up
+        else:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    logger.info("TextGuidedSeg inference worker %d, Python %s", os.getpid(), sys.version.split()[0])
+    while True:
+        try:
+            line = lines.get(timeout=args.idle_seconds)
+        except queue.Empty:
+            logger.info("no job for %.0f s: exiting", args.idle_seconds)
+            return 0
+        if line is None:
+            return 0
+        job_dir = Path(line)
+        if not (job_dir / REQUEST_NAME).is_file():
+            logger.error("%s is not a job folder (no %s): skipped", job_dir, REQUEST_NAME)
+            continue
+        running[:] = [threading.Event()]
+        try:
+            run_one(job_dir, running[0])
+        finally:
+            running.clear()
+        logger.info("job %s ended", job_dir.name)
+
 
 if __name__ == "__main__":
     sys.exit(main())
