@@ -1254,6 +1254,7 @@ class TextGuidedSegTest(ScriptedLoadableModuleTest):
             self._say("Segmenting")
             steps = []
             segmentationNode = logic.process(volumeNode, prompts, model, progress=lambda d, t: steps.append((d, t)))
+            inProcess = logic.run_inference(volume.array, volume.ijk_to_ras, prompts[:1], model)
             segmentation = segmentationNode.GetSegmentation()
             self.assertEqual(segmentation.GetNumberOfSegments(), 2)
             names = [segmentation.GetNthSegment(i).GetName() for i in range(2)]
@@ -1276,5 +1277,22 @@ class TextGuidedSegTest(ScriptedLoadableModuleTest):
                 logic.process(volumeNode, prompts, model, segmentationNode, cancel=cancel)
             self.assertEqual(self.scene.GetNumberOfNodes(), nodes)
             self.assertEqual(segmentation.GetNumberOfSegments(), 3)
+
+            self._say("The panel's way: the same prompt in a child process (PythonSlicer in Slicer)")
+            run = logic.startInference(volumeNode, prompts[:1], model, segmentationNode)
+            try:
+                deadline = time.monotonic() + 600
+                while run.final is None:
+                    self.assertLess(time.monotonic(), deadline, "the child process did not finish in 10 minutes")
+                    run.poll()
+                    time.sleep(0.05)
+                self.assertEqual(run.final["event"], "done", run.final.get("message", ""))
+                childResults = run.results()
+            finally:
+                run.cleanup()
+                logic.stopWorker()
+            written = logic.write_results(volumeNode, childResults, segmentationNode, modelName=run.final["model"])
+            self.assertEqual(written.segmentNames, ["brain tumour (3)"])
+            np.testing.assert_array_equal(childResults[0].labels, inProcess[0].labels)  # same voxels as in-process
         self._say("Test passed (plumbing only: tiny random model, not the default model)" if self.plumbingOnly
                   else "Test passed")
