@@ -91,6 +91,25 @@ def test_qata_models_follow_the_patients_side(qata_model):
     assert l_[:, half:].sum() > 0.8 * max(1, l_.sum())
 
 
+# Labelled voxels and mean probability of each QaTa model on cxr_s11242 with its report, on the CPU.
+# Measured identical (voxel for voxel; mean to 1e-8) on Python 3.11 / transformers 5.25 / torch 2.13 and on
+# Python 3.9 / transformers 4.57 / torch 2.8 / numpy 1.26 (Slicer 5.6 / 5.8's Python and what pip gives it).
+RECORDED_OUTPUT = {"tmc-qata-cpu": (2944, 0.0585222), "ssa-qata-cpu": (2721, 0.0541972),
+                   "svp-cvae-qata-cpu": (3160, 0.0633299), "tgcnet-qata-cpu": (2972, 0.0593226)}
+
+
+def test_qata_models_give_the_recorded_output_on_every_supported_python(qata_model):
+    """Same weights, same output on transformers 4.x and 5.x: TGC-Net's CLIP towers (weight names,
+    tokenizer inputs), the LoRA adapter saved by a newer peft, the packaged MiniLM."""
+    vol = io.read_volume(io.sample_path("qata/cxr_s11242-e20020-r1.png"))
+    prompt = "unilateral pulmonary infection, one infected area, lower right lung."
+    [res] = segment_volume(vol.array, vol.ijk_to_ras, [prompt], qata_model, return_probability=True, device="cpu")
+    voxels, mean = RECORDED_OUTPUT[qata_model.path.name]
+    # a few voxels of slack for another CPU's arithmetic; a wrong tower or text input moves hundreds
+    assert abs(int(res.labels.sum()) - voxels) <= 3
+    assert float(res.probability.astype(np.float64).mean()) == pytest.approx(mean, abs=2e-6)
+
+
 @pytest.mark.parametrize("name", ["ssa-qata-cpu", "svp-cvae-qata-cpu", "tgcnet-qata-cpu"])
 def test_cli_segments_the_shipped_sample_with_each_model(cli, name, tmp_path):
     cid = "cxr_s11242-e20020-r1"

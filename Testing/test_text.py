@@ -3,14 +3,16 @@ prompt validation and the left/right word swap."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import platform
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from TextGuidedSegLib.text import (TextEncoder, TextEncoderConfig, TextFeatures, clean_prompt,
+from TextGuidedSegLib.text import (TextEncoder, TextEncoderConfig, TextEncoderError, TextFeatures, clean_prompt,
                                    resolve_text_model_path, swap_left_right)
 from TextGuidedSegLib.text import encoder as encoder_module
 
@@ -231,8 +233,26 @@ def test_local_clip_text_directory_loads(tmp_path):
 
 
 def test_missing_local_directory_fails():
-    with pytest.raises(Exception):
+    with pytest.raises(TextEncoderError) as err:
         TextEncoder(TextEncoderConfig(name_or_path="/nonexistent/text/model/dir"))
+    message = str(err.value)
+    assert message.startswith("Text encoder '/nonexistent/text/model/dir', backend 'auto', could not be loaded on "
+                              f"Python {platform.python_version()}, transformers ")
+    # the cause differs (transformers 5.x: OSError; 4.x: the hub's "Repo id must be in the form" ValueError)
+    cause = err.value.__cause__
+    assert f"transformers {importlib.metadata.version('transformers')}, " in message
+    assert message.endswith(f": {type(cause).__name__}: {cause}. What to do: there is no directory "
+                            "/nonexistent/text/model/dir: give the path of an existing model directory.")
+
+
+def test_hub_name_unavailable_offline_fails_with_advice(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TextEncoderError) as err:
+        TextEncoder(TextEncoderConfig(name_or_path="textguidedseg-tests/no-such-model"))
+    assert isinstance(err.value.__cause__, OSError)
+    assert str(err.value).endswith("What to do: 'textguidedseg-tests/no-such-model' is neither a local directory nor a "
+                                   "Hugging Face model available offline: give a directory, or download it once with "
+                                   "network access (HF_HUB_OFFLINE unset).")
 
 
 # ----------------------------------------------------------------------------- laterality words

@@ -328,6 +328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
         print(f"textguidedseg: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        # a text encoder that cannot load explains itself (TextEncoderError); its module imports torch, so
+        # it is looked up only once it has been loaded (the model catalog commands stay torch-free)
+        encoder = sys.modules.get(f"{__package__}.text.encoder")
+        if encoder is None or not isinstance(exc, encoder.TextEncoderError):
+            raise
+        print(f"textguidedseg: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("textguidedseg: interrupted; outputs of unfinished inputs were not written", file=sys.stderr)
         return 130

@@ -135,7 +135,7 @@ def similarity_png(model: Any, tokenizer: Any, dataset: PreloadedDataset, picks:
         patches = model.visual_projection(model.vision_model.post_layernorm(out.last_hidden_state[:, 1:]))
         tok = tokenizer([dataset.cases[i].text], padding="max_length", truncation=True, max_length=max_length,
                         return_tensors="pt")
-        text = projected(model.get_text_features(**tok))
+        text = projected(model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
         sim = torch.nn.functional.cosine_similarity(patches, text[:, None], dim=-1)[0]
         side = int(math.isqrt(sim.numel()))
         sim = sim.reshape(1, 1, side, side)

@@ -79,7 +79,10 @@ def test_frozen_parts_get_no_gradient_and_stay_bit_identical(clip_dir, clip_text
     model.load_pretrained_backbone()
     from transformers import CLIPVisionModel
 
-    reference = CLIPVisionModel.from_pretrained(clip_dir).state_dict()
+    from TextGuidedSegLib.models.tgcnet import clip_vision_tower
+
+    reference = clip_vision_tower(CLIPVisionModel.from_pretrained(clip_dir)).state_dict()
+    assert sorted(reference) == sorted(model.clip.state_dict()) and len(reference) == 23  # 1 layer: 5 + 16 + 2
     assert all(torch.equal(model.clip.state_dict()[k], v) for k, v in reference.items())
     before = {k: v.clone() for k, v in model.clip.state_dict().items()}
     text_before = {k: v.clone() for k, v in clip_text.state_dict().items()}

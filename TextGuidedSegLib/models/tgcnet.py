@@ -2,8 +2,9 @@
 auxiliary-prompt text encoder, gated vision-language calibration and a cost-aggregation decoder.
 
 - **SSE** (semantic-structural synergy encoder): the frozen CLIP ViT image tower
-  (``transformers`` ``CLIPVisionModel``) beside a light trainable CNN. Patch tokens are resampled
-  to the CNN's 1/32 grid and fused, F_fused = LayerNorm(P_V(F_clip) + P_C(F_cnn^1/32)); the pyramid
+  (``transformers`` ``CLIPVisionModel``'s transformer, :func:`clip_vision_tower`) beside a light
+  trainable CNN. Patch tokens are resampled to the CNN's 1/32 grid and fused,
+  F_fused = LayerNorm(P_V(F_clip) + P_C(F_cnn^1/32)); the pyramid
   {F_cnn^1/8, F_cnn^1/16, F_fused} is refined by multi-scale deformable attention
   (:class:`~TextGuidedSegLib.models.blocks.MultiScaleDeformableAttention`, plain PyTorch) -> F_V.
 - **DATE** (domain-augmented text encoder): the primary prompt T_p and its auxiliary prompt T_a
@@ -123,6 +124,20 @@ class TGCNetConfig(ModelConfig):
         vision = CLIPVisionConfig.from_pretrained(self.clip_name_or_path)
         return {k: getattr(vision, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                 "num_attention_heads", "image_size", "patch_size")}
+
+
+def clip_vision_tower(model: nn.Module) -> nn.Module:
+    """The CLIP image transformer itself (``embeddings``, ``pre_layrnorm``, ``encoder``,
+    ``post_layernorm``) out of a ``CLIPVisionModel``.
+
+    transformers 4.x wraps it (``CLIPVisionModel.vision_model``, a ``CLIPVisionTransformer``: state-dict
+    names ``vision_model.embeddings.*``); 5.x made ``CLIPVisionModel`` the tower itself (``embeddings.*``).
+    TGC-Net holds the tower, so its frozen weights are named ``clip.embeddings.*`` under both versions
+    and the same safetensors loads everywhere; both forwards take ``pixel_values`` and return
+    ``last_hidden_state``.
+    """
+    inner = getattr(model, "vision_model", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 @dataclass
@@ -259,7 +274,7 @@ class TGCNet(nn.Module):
         if config.sse:
             from transformers import CLIPVisionConfig, CLIPVisionModel
 
-            self.clip = CLIPVisionModel(CLIPVisionConfig(**config.clip_vision))
+            self.clip = clip_vision_tower(CLIPVisionModel(CLIPVisionConfig(**config.clip_vision)))
             self.clip.requires_grad_(False)
             self.clip.eval()
             self.proj_clip = nn.Linear(config.clip_vision["hidden_size"], d)
@@ -302,7 +317,7 @@ class TGCNet(nn.Module):
             tower = CLIPVisionModel.from_pretrained(self.config.clip_name_or_path)
         finally:
             hf_logging.set_verbosity(verbosity)
-        self.clip.load_state_dict(tower.state_dict())
+        self.clip.load_state_dict(clip_vision_tower(tower).state_dict())
 
     def parameter_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

