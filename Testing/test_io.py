@@ -411,7 +411,7 @@ def test_segmentation_prompt_made_header_safe(tmp_path):
 
 
 def _slicer_scene():
-    slicer = pytest.importorskip("slicer")
+    slicer = pytest.importorskip("slicer", reason="PyPI slicer-core (Python >= 3.10 wheels only) is needed for MRML")
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
     app_logic.SetMRMLScene(scene)
