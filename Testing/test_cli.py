@@ -345,7 +345,10 @@ def test_models_import_list_info(cli, model_dir, home, tmp_path):
 
     rc, out, err = cli("models", "info", "zipped_tiny")
     assert rc == 0, err
-    info = json.loads(out)
+    summary, raw = out[:out.index("{")], out[out.index("{"):]
+    assert summary.splitlines()[1] == ("  for: not stated (no domain.json): inputs are not checked before "
+                                       "segmenting")
+    info = json.loads(raw)
     assert info["model_type"] == "tmc" and info["source"] == "cache" and info["name"] == "zipped_tiny"
     assert info["sha256"] == sha256_of(model_dir / WEIGHTS_NAME)
     assert len(info["sha256"]) == 64

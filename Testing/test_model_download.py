@@ -242,7 +242,7 @@ def test_cli_download_and_list(tmp_path, monkeypatch, served, home, cli):
     assert f"downloaded {NAME}" in out
     rc, out, err = cli("models", "list")
     row = next(line.split() for line in out.splitlines() if line.startswith(NAME))
-    assert row[1:] == ["tmc", "manifest", str(home / "models" / NAME)]
+    assert row[1:3] == ["tmc", "manifest"] and row[-1] == str(home / "models" / NAME)
     rc, out, err = cli("models", "download", "nope")
     assert rc == 2 and "nope" in err and NAME in err
 

@@ -178,4 +178,4 @@ def test_shipped_tgcnet_is_self_contained_and_reports_its_frozen_parts(cli):
     assert (entry.path / "clip_similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc, out, err = cli("models", "info", "tgcnet-qata-cpu")
     assert rc == 0, err
-    assert json.loads(out)["parameters"]["image_model_trainable"] == 642114
+    assert json.loads(out[out.index("{"):])["parameters"]["image_model_trainable"] == 642114

@@ -681,6 +681,33 @@ def test_widget_survives_a_child_killed_from_outside(tgs, app_scene, errors_show
     assert _started(events)[-1]["pid"] != killed[0].pid and not killed[0].worker.folder.exists()
 
 
+@pytest.mark.parametrize("answer", [False, True])
+def test_widget_asks_before_segmenting_an_input_the_model_does_not_fit(tgs, app_scene, errors_shown, volume_node,
+                                                                       monkeypatch, make_widget, answer):
+    """brain1 is an MR volume; the default model reads chest X-rays: the panel asks first (no torch needed
+    for the check), and runs only if the user says so."""
+    asked = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, title="", **kw: (
+        asked.append((text, title)), answer)[1], raising=False)
+    before = _node_ids(app_scene)
+    widget = make_widget(volume_node, "tmc-qata-cpu", "brain tumour")
+    widget.onApplyButton()
+    (text, title), = asked
+    assert title == "Input does not fit the model"
+    assert text.startswith("model 'tmc-qata-cpu' is for chest X-ray, 2D pictures; prompts: ")
+    assert "the input is a 3D volume (13 x 256 x 256 voxels), not a single picture" in text
+    assert text.endswith("Segment anyway?")
+    if not answer:
+        assert widget._job is None and not widget._timer.active and not errors_shown
+        assert widget.ui.statusLabel.text == "Not run: the input does not fit model 'tmc-qata-cpu'."
+        assert _node_ids(app_scene) == before
+        return
+    run_event_loop(widget, timeout=300)
+    assert widget.ui.statusLabel.text.startswith("Done in ") and not errors_shown
+    node = widget._parameterNode.outputSegmentation
+    assert _tag(node.GetSegmentation().GetNthSegment(0), tgs.MODEL_TAG) == "tmc-qata-cpu"  # the name users type
+
+
 def test_widget_reports_errors_and_writes_nothing(tgs, app_scene, errors_shown, volume_node, tmp_path, reference,
                                                   make_widget):
     before = _node_ids(app_scene)
@@ -793,6 +820,20 @@ def test_batch_script_segments_a_directory(tmp_path, tiny_model_dir):
         segments, ijk_to_ras = read_segmentation(out / f"{name}.seg.nrrd")
         assert segments[0].mask.shape == shape
         np.testing.assert_allclose(ijk_to_ras, (brain.ijk_to_ras if name == "a" else flipped), atol=1e-5)
+
+
+def test_batch_script_follows_the_domain_check(tmp_path):
+    """As 'textguidedseg predict': the chest X-ray default model refuses an MR volume (exit 2, nothing
+    written) unless --force."""
+    out = tmp_path / "out"
+    brain = sample_path("brain1_image.nrrd")
+    proc = _batch("--input", str(brain), "--prompt", "tumour", "--output", str(out))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"batch_segment: error: {brain}: model 'tmc-qata-cpu' is for chest X-ray, 2D pictures" in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+    proc = _batch("--input", str(brain), "--prompt", "tumour", "--output", str(out), "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert "segmenting anyway (--force)" in proc.stderr and (out / "brain1_image.seg.nrrd").is_file()
 
 
 def test_batch_script_missing_input(tmp_path):

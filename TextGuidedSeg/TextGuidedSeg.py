@@ -150,6 +150,10 @@ class InstallError(RuntimeError):
         self.restartRequired = restartRequired
 
 
+class NotRun(RuntimeError):
+    """The user declined to run (an input the model's domain check refused): a status, not an error."""
+
+
 #
 # TextGuidedSeg
 #
@@ -497,6 +501,9 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             job = self._startJob()
+        except NotRun as exc:  # the user said no: nothing to report but that
+            self._setStatus(str(exc))
+            return
         except InstallError as exc:
             if exc.restartRequired and slicer.util.confirmOkCancelDisplay(
                     exc.message + "\n\n" + _("Restart Slicer now?"), _("Restart required")):
@@ -524,6 +531,10 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not prompts and not self.logic.modelIsTextFree(p.modelName or None):
             raise ValueError(_("type at least one prompt (one per line); only text-free models (ProLearn) "
                                "segment without one"))
+        check, fits = self.logic.checkDomain(p.inputVolume, p.modelName or None, p.axis)
+        if check is not None and not check.ok and not slicer.util.confirmOkCancelDisplay(
+                check.message(fits, hint=_("Segment anyway?")), _("Input does not fit the model")):
+            raise NotRun(_("Not run: the input does not fit model '{model}'.").format(model=check.model))
         self._setStatus(_("Starting…"))
         run = self.logic.startInference(p.inputVolume, prompts, p.modelName or None, p.outputSegmentation,
                                            threshold=p.threshold, device=p.device, axis=p.axis,
@@ -842,6 +853,23 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
         if isinstance(model, LoadedModel):
             return model
         return load_model(os.fspath(model) if model else None, device=select_device(device))
+
+    def checkDomain(self, volumeNode, model=None, axis: str = "auto"):
+        """Check ``volumeNode`` against the domain the model states (``TextGuidedSegLib.domain``; numpy only,
+        quick enough for the main thread). Returns ``(check, fits)``: the ``DomainCheck`` (None when the
+        model states no domain or is not downloaded yet) and the installed models that accept the input."""
+        from TextGuidedSegLib.domain import check_input, fitting_models
+        from TextGuidedSegLib.model_store import list_models, needs_download, resolve_model
+
+        if needs_download(model if isinstance(model, str) or model is None else None):
+            return None, []
+        entry = resolve_model(os.fspath(model) if model else None)
+        array = self.volumeArray(volumeNode)
+        ijkToRas = self.ijkToRasArray(volumeNode)
+        check = check_input(entry.name, entry.path, array, ijkToRas, axis=axis)
+        if check is None or check.ok:
+            return check, []
+        return check, fitting_models(list_models(), array, ijkToRas, exclude=entry.name)
 
     # --- inference in a child process (the GUI) -------------------------------------------------
 

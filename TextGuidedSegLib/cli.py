@@ -81,34 +81,69 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    """Refuse empty prompts before anything is loaded (the engine cleans and truncates the rest)."""
+    for i, prompt in enumerate(prompts, 1):
+        if not prompt or not prompt.strip():
+            raise UserError(f"--prompt number {i} is an empty prompt: type what to segment, e.g. 'lung infection'")
+    return list(prompts)
+
+
+def _check_threshold(threshold: float) -> float:
+    if not 0.0 < threshold < 1.0:
+        raise UserError(f"--threshold must be between 0 and 1 (exclusive), got {threshold}")
+    return threshold
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from .model_store import list_models, resolve_model
 
-    from .engine import segment_volume, select_device
-    from .io import ImageReadError, SegmentSpec, read_volume, write_labelmap, write_segmentation, write_volume
-    from .model_store import load_model
-    from .terminology import style_for, unique_names
-
+    # Cheap checks first: nothing is loaded or written until they pass.
+    prompts = _check_prompts(args.prompt or [])
+    _check_threshold(args.threshold)
     inputs = collect_inputs(args.inputs)
     shard, shards = parse_shard(args.shard)
     inputs = inputs[shard::shards]
     if not inputs:
         raise UserError("no inputs in this shard")
-    device = select_device(args.device)
-    model = load_model(args.model, device=device)
-    prompts = args.prompt or []
-    if not prompts and getattr(model.model, "requires_text", True):
-        raise UserError(f"model '{model.name}' needs --prompt (it has no text-free mode)")
+    entry = resolve_model(args.model)
+    if not prompts and not entry.text_free:
+        raise UserError(f"model '{entry.name}' needs --prompt (it has no text-free mode)")
     out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output {out_dir} is a file, not a folder")
+    targets = {path: out_dir / f"{_stem(path)}{SEG_SUFFIX}" for path in inputs}
+    existing = [t for t in targets.values() if t.exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} already exists ({len(existing)} of the outputs do); pass --overwrite to "
+                        "replace them, or choose another --output")
+
+    from tqdm import tqdm
+
+    from .domain import check_input, fitting_models
+    from .engine import segment_volume, select_device
+    from .io import ImageReadError, SegmentSpec, read_volume, write_labelmap, write_segmentation, write_volume
+    from .model_store import load_model
+    from .terminology import style_for, unique_names
+
+    device = select_device(args.device)
+    model = load_model(str(entry.path), device=device)
     batch = "auto" if args.batch_size == "auto" else int(args.batch_size)
     for path in inputs:
         try:
             vol = read_volume(path)
         except ImageReadError as exc:
             raise UserError(str(exc)) from None
-        bar = tqdm(total=max(1, len(prompts)) * vol.array.shape[0], desc=path.name, unit="slice",
-                   disable=args.quiet, file=sys.stderr)
+        check = check_input(entry.name, entry.path, vol.array, vol.ijk_to_ras, colour=vol.colour, axis=args.axis)
+        if check is not None and not check.ok:
+            if not args.force:
+                fits = fitting_models(list_models(), vol.array, vol.ijk_to_ras, colour=vol.colour, exclude=entry.name)
+                raise UserError(f"{path}: {check.message(fits)}")
+            print(f"textguidedseg: warning: {path}: model '{entry.name}' is for {check.domain.summary()}, but "
+                  f"{'; '.join(check.problems)}; segmenting anyway (--force)", file=sys.stderr)
+        n_slices = vol.array.shape[0]
+        bar = tqdm(total=max(1, len(prompts)) * n_slices, unit="slice", disable=args.quiet, file=sys.stderr,
+                   desc=f"{path.name} ({max(1, len(prompts))} prompt(s) x slices)")
 
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -130,7 +165,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         segments = [SegmentSpec(name=n, mask=r.labels, color=s.color, prompt=r.prompt, terminology=s.terminology)
                     for n, s, r in zip(names, styles, results)]
         stem = _stem(path)
-        seg_path = write_segmentation(out_dir / f"{stem}{SEG_SUFFIX}", segments, vol.ijk_to_ras)
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty folder
+        seg_path = write_segmentation(targets[path], segments, vol.ijk_to_ras)
         if args.labelmap:
             labels = np.zeros(results[0].labels.shape, dtype=np.uint16 if len(results) > 255 else np.uint8)
             for value, r in enumerate(results, 1):
@@ -204,10 +240,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .model_store import cache_dir, describe, import_model, list_models, resolve_model
 
     if args.action == "list":
+        from .domain import read_domain
+        from .model_store import DEFAULT_MODEL
+
         entries = list_models()
         for e in entries:
             where = e.path if e.path is not None else f"(not downloaded: textguidedseg models download {e.name})"
-            print(f"{e.name:24s} {e.model_type:10s} {e.source:8s} {where}")
+            found = read_domain(e.path) if e.path is not None else None
+            domain = found[0].summary().split(";")[0] if found else "(domain not stated)"
+            name = e.name + (" (default)" if e.name == DEFAULT_MODEL else "")
+            print(f"{name:34s} {e.model_type:9s} {e.source:8s} {domain:32s} {where}")
         if not entries:
             print("no models installed")
         print(f"(user cache: {cache_dir()})")
@@ -217,6 +259,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         entry = resolve_model(args.target)
         info = describe(entry)
         info["parameters"] = load_model(str(entry.path)).parameter_counts()
+        print(_model_summary(entry, info))
         print(json.dumps(info, indent=2))
     elif args.action == "import":
         if not args.target:
@@ -228,6 +271,35 @@ def cmd_models(args: argparse.Namespace) -> int:
             raise UserError("models download needs a NAME (see 'textguidedseg models list')")
         return _download(args.target, quiet=args.quiet)
     return 0
+
+
+def _model_summary(entry, info: dict) -> str:
+    """What ``models info`` prints before the raw JSON: what the model is for, in words."""
+    from .domain import read_domain
+    from .model_store import DEFAULT_MODEL
+
+    lines = [f"{entry.name}{' (default)' if entry.name == DEFAULT_MODEL else ''}: {entry.description or info['model_type']}"]
+    found = read_domain(entry.path)
+    if found is None:
+        lines.append("  for: not stated (no domain.json): inputs are not checked before segmenting")
+    else:
+        domain = found[0]
+        lines.append(f"  for: {domain.body_region} {domain.modality}, "
+                     f"{'2D pictures' if domain.dimensionality == '2D' else '3D volumes'} ({domain.colour})")
+        lines.append(f"  prompts: {domain.prompts}")
+        lines.append(f"  statistics from: {domain.training_data or 'not stated'}")
+        cal = domain.calibration
+        if domain.threshold is not None and cal:
+            refused = ", ".join(f"{k} {100 * v['combined']:.1f} %" for k, v in cal.get("detection_rate", {}).items())
+            lines.append(f"  input check: threshold {domain.threshold:.2f}; false alarms on validation "
+                         f"{100 * cal['validation_false_alarm_rate']['combined']:.1f} %; refused: {refused}")
+    params = info.get("parameters", {})
+    if params:
+        lines.append("  parameters: " + ", ".join(f"{k.replace('_', ' ')} {v / 1e6:.2f} M" for k, v in params.items()))
+    if entry.licence:
+        lines.append(f"  licence: {entry.licence}")
+    lines.append(f"  folder: {entry.path}")
+    return "\n".join(lines)
 
 
 def _download(name: str, quiet: bool = False) -> int:
@@ -255,19 +327,36 @@ def _download(name: str, quiet: bool = False) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it or the option is a
+    flag (off by default) or has no default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or not action.option_strings
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="textguidedseg", description="Text-guided medical image segmentation.")
+    parser = argparse.ArgumentParser(prog="textguidedseg", description="Text-guided medical image segmentation.",
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"textguidedseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("predict", help="segment images / volumes, one segment per prompt, write .seg.nrrd")
+    formatter = _HelpFormatter
+    p = sub.add_parser("predict", help="segment images / volumes, one segment per prompt, write .seg.nrrd",
+                       description="Segment images or volumes, one segment per prompt, into <input>.seg.nrrd. The "
+                                   "input is first checked against the model's domain (see 'models list').",
+                       formatter_class=formatter)
     p.add_argument("inputs", nargs="+", help="image or volume files, directories, DICOM series folders, @list.txt")
     p.add_argument("--prompt", action="append",
                    help="what to segment; repeat for several segments (leave out for text-free models: ProLearn)")
     p.add_argument("--output", "-o", required=True, help="output directory (<input>.seg.nrrd is written there)")
     p.add_argument("--model", "-m", default=None, help="model name or directory (default: the shipped default)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=0.5, help="probability at or above which a voxel is labelled")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--batch-size", default="auto", help="slices per forward pass, or auto")
     p.add_argument("--axis", default="auto", help="auto, axial, coronal, sagittal, or array axis 0/1/2")
@@ -281,18 +370,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labelmap", action="store_true",
                    help="also write <input>_labels.nii.gz: label i = i-th prompt (a later prompt wins where two overlap)")
     p.add_argument("--shard", default=None, help="i/n: process every n-th input starting at i (cluster arrays)")
+    p.add_argument("--force", action="store_true",
+                   help="segment even an input the model's domain check refuses (a CT or MR volume given to a "
+                        "chest X-ray model, ...); a warning is printed instead")
+    p.add_argument("--overwrite", action="store_true", help="replace existing <input>.seg.nrrd files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
-    e = sub.add_parser("evaluate", help="score a model on a dataset split (both Dice conventions)")
-    e.add_argument("--model", "-m", default=None)
-    e.add_argument("--dataset", required=True, choices=("qata", "kvasir", "csv"))
+    e = sub.add_parser("evaluate", help="score a model on a dataset split (both Dice conventions)",
+                       description="Score a model on a dataset split: Dice (global and per-image), IoU, HD95, "
+                                   "ASD, laterality error rate.", formatter_class=formatter)
+    e.add_argument("--model", "-m", default=None, help="model name or directory (default: the shipped default)")
+    e.add_argument("--dataset", required=True, choices=("qata", "kvasir", "csv"), help="dataset layout")
     e.add_argument("--data-root", required=True, help="dataset folder (or CSV file for --dataset csv)")
-    e.add_argument("--split", default="val")
+    e.add_argument("--split", default="val", help="split to score (test splits are withheld here)")
     e.add_argument("--prompt-key", default="p6", help="Kvasir prompt key p1..p9")
     e.add_argument("--limit", type=int, default=None, help="first N cases only")
     e.add_argument("--save-predictions", default=None, metavar="DIR", help="write <case id>.png masks here")
-    e.add_argument("--per-case-csv", default=None, metavar="FILE")
+    e.add_argument("--per-case-csv", default=None, metavar="FILE", help="write each case's scores here")
     e.add_argument("--json", default=None, metavar="FILE", help="write the summary as JSON")
     e.add_argument("--no-distances", action="store_true", help="skip HD95 / ASD (faster)")
     e.add_argument("--samples", type=int, default=None,
@@ -302,15 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-prompt", action="store_true",
                    help="text-free models (ProLearn): segment with no prompt; the reports still pick the "
                         "one-sided cases of the laterality error rate")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--quiet", "-q", action="store_true")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
 
-    m = sub.add_parser("models", help="list, describe, import or download models")
-    m.add_argument("action", choices=("list", "info", "import", "download"))
+    m = sub.add_parser("models", help="list, describe, import or download models", formatter_class=formatter,
+                       description="list: one line per model with its domain (the default is marked); "
+                                   "info NAME: what the model is for, its figures and files, then its raw config; "
+                                   "import DIR_OR_ZIP: copy a model into the user cache after checking that it "
+                                   "loads; download NAME: fetch a manifest model (SHA-256 checked).")
+    m.add_argument("action", choices=("list", "info", "import", "download"), help="what to do (see above)")
     m.add_argument("target", nargs="?", help="model name (info, download) or a directory / .zip (import)")
     m.add_argument("--name", default=None, help="name in the cache (import)")
-    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--overwrite", action="store_true", help="replace a cached model of the same name (import)")
     m.add_argument("--quiet", "-q", action="store_true", help="no progress bar (download)")
     m.set_defaults(func=cmd_models)
     return parser

@@ -79,6 +79,7 @@ class Volume:
     array: np.ndarray
     ijk_to_ras: np.ndarray
     source: str = ""
+    colour: bool = False  # the file was a colour picture (converted to grey on reading)
 
     @property
     def spacing(self) -> Tuple[float, float, float]:
@@ -262,6 +263,7 @@ def read_volume(path: PathLike) -> Volume:
                              f"give a 2D or 3D scalar image")
 
     ncomp = image.GetNumberOfComponentsPerPixel()
+    colour = ncomp in (3, 4)
     if ncomp > 1:
         is_2d = dim == 2 or size[2] == 1
         if is_2d and ncomp in (2, 3, 4):
@@ -287,7 +289,7 @@ def read_volume(path: PathLike) -> Volume:
 
     ijk_to_ras = _sitk_geometry_to_ijk_to_ras(image)
     logger.debug("read %s: shape %s dtype %s", p, array.shape, array.dtype)
-    return Volume(array=array, ijk_to_ras=ijk_to_ras, source=str(p))
+    return Volume(array=array, ijk_to_ras=ijk_to_ras, source=str(p), colour=colour)
 
 
 # --------------------------------------------------------------------------------------------

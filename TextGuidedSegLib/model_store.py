@@ -169,7 +169,8 @@ def load_model(name_or_path: str | None = None, device: str | torch.device = "cp
     key = (str(entry.path.resolve()), str(device))
     if key not in _LOADED:
         _LOADED[key] = load_pretrained(entry.path, device=device, expected_sha256=entry.sha256)
-        _LOADED[key].metadata.setdefault("name", entry.name)
+    # the name users type and see in 'models list' (not the training run's), in messages and segment tags
+    _LOADED[key].metadata["name"] = entry.name
     return _LOADED[key]
 
 

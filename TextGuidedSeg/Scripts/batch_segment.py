@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=None,
                         help="models that sample masks (SVP-CVAE): masks per prompt; writes "
                              "<stem>_<segment>_uncertainty.nrrd (variance of the sampled probabilities)")
+    parser.add_argument("--force", action="store_true",
+                        help="segment even inputs the model's domain check refuses (as textguidedseg predict --force)")
     parser.add_argument("--quiet", "-q", action="store_true", help="log warnings and errors only")
     return parser
 
@@ -110,6 +112,12 @@ def segment_file(logic, path: Path, args: argparse.Namespace, model) -> list[Pat
     scene = slicer.vtkMRMLScene()  # one scene per input: nothing accumulates over a long batch
     try:
         volumeNode = logic.addVolumeFromArray(scene, volume.array, volume.ijk_to_ras, _stem(path))
+        check, fits = logic.checkDomain(volumeNode, args.model, args.axis)
+        if check is not None and not check.ok:  # as textguidedseg predict: refuse unless --force
+            if not args.force:
+                raise BatchError(f"{path}: {check.message(fits)}")
+            logger.warning("%s: model '%s' is for %s, but %s; segmenting anyway (--force)", path, check.model,
+                           check.domain.summary(), "; ".join(check.problems))
         last = [-1]
 
         def progress(done: int, total: int) -> None:
@@ -154,6 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _add_import_paths()
     try:
+        try:
+            import slicer  # noqa: F401  (the module's Logic writes real MRML nodes)
+        except ImportError:
+            raise BatchError(
+                "this script needs Slicer's Python: run it with 'Slicer --no-main-window --python-script "
+                f"{SCRIPT_DIR / 'batch_segment.py'} -- ...', or install PyPI slicer-core (Python 3.10 or newer: pip "
+                "install slicer-core); without either, 'textguidedseg predict' writes the same .seg.nrrd files"
+            ) from None
         from TextGuidedSegLib.cli import UserError, collect_inputs
 
         try:
@@ -211,8 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _exit(status: int) -> None:
-    import slicer
-
+    try:
+        import slicer
+    except ImportError:  # main() has said what to install
+        sys.exit(status)
     if hasattr(slicer, "app") and hasattr(slicer.util, "exit"):
         slicer.util.exit(status)  # quits the Slicer application started with --python-script
     else:
