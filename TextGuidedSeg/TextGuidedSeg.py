@@ -751,8 +751,9 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
         return matrix
 
     @staticmethod
-    def volumeArray(volumeNode) -> np.ndarray:
-        """A copy of the voxels as a ``(k, j, i)`` array; refuses what the engine cannot segment."""
+    def volumeArray(volumeNode, copy: bool = True) -> np.ndarray:
+        """The voxels as a ``(k, j, i)`` array (a copy, or with ``copy=False`` a view for reading only);
+        refuses what the engine cannot segment."""
         if volumeNode is None:
             raise ValueError(_("no input volume selected"))
         if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -767,7 +768,7 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
                 name=volumeNode.GetName(), n=image.GetNumberOfScalarComponents()))
         dims = image.GetDimensions()
         scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-        return np.array(scalars.reshape(dims[2], dims[1], dims[0]), copy=True)
+        return np.array(scalars.reshape(dims[2], dims[1], dims[0]), copy=copy)
 
     @staticmethod
     def _setVolumeArray(volumeNode, array: np.ndarray) -> None:
@@ -864,7 +865,7 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
         if needs_download(model if isinstance(model, str) or model is None else None):
             return None, []
         entry = resolve_model(os.fspath(model) if model else None)
-        array = self.volumeArray(volumeNode)
+        array = self.volumeArray(volumeNode, copy=False)
         ijkToRas = self.ijkToRasArray(volumeNode)
         check = check_input(entry.name, entry.path, array, ijkToRas, axis=axis)
         if check is None or check.ok:

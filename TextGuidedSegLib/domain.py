@@ -265,15 +265,20 @@ def metadata_problems(domain: ModelDomain, volume: np.ndarray, *, colour: bool =
 
 
 def check_input(model_name: str, model_dir: str | Path, volume: np.ndarray, ijk_to_ras: np.ndarray, *,
-                colour: bool = False, axis: str | int = "auto") -> DomainCheck | None:
-    """Check an input against the domain of the model in ``model_dir`` (None: the model states none)."""
+                colour: bool = False, axis: str | int = "auto",
+                descriptors: np.ndarray | None = None) -> DomainCheck | None:
+    """Check an input against the domain of the model in ``model_dir`` (None: the model states none).
+    ``descriptors``: the input's :func:`describe_slices`, when already computed (they do not depend on
+    the model)."""
     found = read_domain(model_dir)
     if found is None:
         return None
     domain, stats = found
     check = DomainCheck(model_name, domain, metadata_problems(domain, volume, colour=colour))
     if stats is not None and domain.threshold is not None:
-        check.score = float(np.median(stats.score(describe_slices(volume, ijk_to_ras, axis))))
+        if descriptors is None:
+            descriptors = describe_slices(volume, ijk_to_ras, axis)
+        check.score = float(np.median(stats.score(descriptors)))
         if check.score > domain.threshold:
             check.problems.append(f"it looks unlike the model's training images (score {check.score:.2f}, "
                                   f"threshold {domain.threshold:.2f}, set so that 1 % of validation images "
@@ -285,11 +290,12 @@ def fitting_models(entries: Iterable, volume: np.ndarray, ijk_to_ras: np.ndarray
                    exclude: str = "") -> list:
     """Names of the installed models (``model_store.ModelEntry`` s) whose domain accepts this input."""
     names = []
+    descriptors = describe_slices(volume, ijk_to_ras)  # the same for every model: computed once
     for entry in entries:
         if entry.path is None or entry.name == exclude:
             continue
         try:
-            check = check_input(entry.name, entry.path, volume, ijk_to_ras, colour=colour)
+            check = check_input(entry.name, entry.path, volume, ijk_to_ras, colour=colour, descriptors=descriptors)
         except (OSError, ValueError) as exc:  # a broken domain file must not hide the real message
             logger.warning("domain of %s unreadable: %s", entry.name, exc)
             continue
