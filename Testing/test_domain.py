@@ -157,6 +157,33 @@ def test_cli_refuses_a_volume_for_the_xray_model_and_force_overrides(cli, tmp_pa
     assert (out / "brain1_image.seg.nrrd").is_file()
 
 
+def _ct_file(folder: Path) -> Path:
+    volume, matrix = _ct_volume()
+    return io.write_volume(folder / "abdomen_ct.nii.gz", volume, matrix)
+
+
+def _colonoscopy_frame(folder: Path) -> Path:
+    frames = sorted((SHARED / "kvasir" / "images").glob("*.jpg"))
+    if not frames:
+        pytest.skip("needs ../shared/data/kvasir (the dataset bundle)")
+    return frames[0]
+
+
+@pytest.mark.parametrize("make_input, problem", [
+    (_ct_file, "its intensities look like CT Hounsfield units"),
+    (_colonoscopy_frame, "it is a colour picture, and the model was trained on grey X-ray images"),
+])
+def test_cli_refuses_ct_and_colonoscopy_for_the_xray_model(cli, tmp_path, make_input, problem):
+    source = make_input(tmp_path)
+    out = tmp_path / "out"
+    rc, _, err = _predict(cli, out, source)
+    assert rc == 2 and not out.exists(), err
+    line, = err.strip().splitlines()
+    assert line.startswith(f"textguidedseg: error: {source}: model 'tmc-qata-cpu' is for chest X-ray") and problem in line
+    if make_input is _colonoscopy_frame:  # the polyp model fits it, and the message says so
+        assert "installed models that fit this input: tmc-kvasir-cpu" in line
+
+
 def test_cli_runs_a_chest_xray_without_warning_and_never_overwrites(cli, tmp_path):
     out = tmp_path / "out"
     rc, stdout, err = _predict(cli, out, QATA_SAMPLES[0])

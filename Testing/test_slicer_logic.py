@@ -175,6 +175,10 @@ def test_process_segments_match_engine(tgs, scene, logic, volume_node, tiny_mode
         np.testing.assert_allclose(segment.GetColor(), style_for(prompt, index).color, atol=1e-6)
         assert _tag(segment, tgs.PROMPT_TAG) == prompt
         assert _tag(segment, tgs.MODEL_TAG) == "tiny-tmc"
+        # the answer: mean probability of the labelled voxels, and the verdict it gives
+        confidence = float(result.probability[result.labels != 0].mean())
+        assert abs(float(_tag(segment, tgs.CONFIDENCE_TAG)) - confidence) < 1e-3
+        assert _tag(segment, tgs.VERDICT_TAG) == ("found" if confidence >= 0.6 else "not found") == result.verdict
         array, matrix = _export(scene, tgs, node, segment_id, volume_node)
         assert array.shape == result.labels.shape
         np.testing.assert_array_equal(array != 0, result.labels != 0)
@@ -514,7 +518,8 @@ def test_widget_segments_in_a_child_process(tgs, app_scene, errors_shown, volume
     assert not run.job_dir.exists() and run.worker.alive  # job folder gone, child kept for the next run
     assert widget._job is None and not widget._timer.active and not widget.ui.progressBar.visible
     assert widget.ui.applyButton.text == "Apply" and widget.ui.applyButton.enabled
-    assert widget.ui.statusLabel.text.startswith("Done in ") and widget.ui.statusLabel.text.endswith(", ".join(NAMES))
+    answers = ", ".join(f"{n} ({r.verdict})" for n, r in zip(NAMES, expected))
+    assert widget.ui.statusLabel.text.startswith("Done in ") and widget.ui.statusLabel.text.endswith(answers)
     assert "Loading model…" in widget.ui.statusLabel.history
     values = [v for v, _ in widget.ui.progressBar.history if v]
     assert values == sorted(values) and widget.ui.progressBar.history[-1] == (26, 26)  # 13 slices x 2 prompts
@@ -711,16 +716,25 @@ def test_widget_asks_before_segmenting_an_input_the_model_does_not_fit(tgs, app_
 def test_widget_reports_errors_and_writes_nothing(tgs, app_scene, errors_shown, volume_node, tmp_path, reference,
                                                   make_widget):
     before = _node_ids(app_scene)
-    missing = tmp_path / "no-such-model"
-    widget = make_widget(volume_node, str(missing), PROMPTS[0])
+    broken = tmp_path / "broken-model"  # a model folder whose config cannot be read: fails in the child
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json", encoding="utf-8")
+    widget = make_widget(volume_node, str(broken), PROMPTS[0])
     widget.onApplyButton()
     run = widget._job.run
-    run_event_loop(widget, timeout=60)  # fails in the child: shown on the main thread
+    run_event_loop(widget, timeout=120)  # the child's traceback is shown on the main thread
     (text, kw), = errors_shown
-    assert text.startswith("Segmentation failed: model ") and "no-such-model" in text and "not found" in text
-    assert "Traceback" in kw["detailedText"] and "CheckpointError" in kw["detailedText"]
+    assert text.startswith("Segmentation failed: ") and "broken-model" in text and "config.json" in text
+    assert kw["detailedText"].startswith("Traceback") and "CheckpointError" in kw["detailedText"]
     assert widget.ui.statusLabel.text.startswith("Failed: ") and widget.ui.applyButton.text == "Apply"
-    assert not run.job_dir.exists()
+    assert not run.job_dir.exists() and run.worker.alive  # an error ends the run, not the child
+
+    errors_shown.clear()
+    widget._parameterNode.modelName = str(tmp_path / "no-such-model")  # refused at Apply, before any process
+    widget.onApplyButton()
+    assert widget._job is None and not widget._timer.active
+    (text, _), = errors_shown
+    assert text.startswith("Could not start the segmentation: model ") and "no-such-model' not found" in text
 
     errors_shown.clear()
     widget._parameterNode.inputVolume = None  # refused before any process starts
@@ -896,7 +910,8 @@ def test_python39_syntax(path):
 def test_tags_match_library(tgs):
     from TextGuidedSegLib import io as tio
 
-    assert tgs.PROMPT_TAG == tio.PROMPT_TAG  # segments written in Slicer and by the CLI carry the same tag
+    assert tgs.PROMPT_TAG == tio.PROMPT_TAG  # segments written in Slicer and by the CLI carry the same tags
+    assert (tgs.VERDICT_TAG, tgs.CONFIDENCE_TAG) == (tio.VERDICT_TAG, tio.CONFIDENCE_TAG)
 
 
 def test_parameter_node_annotations_resolve(tgs):

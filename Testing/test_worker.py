@@ -67,6 +67,8 @@ def test_worker_results_equal_the_engine(tiny_model_dir, tmp_path):
         np.testing.assert_array_equal(got.labels, want.labels)
         np.testing.assert_allclose(got.probability, want.probability, atol=1e-6)
         assert got.uncertainty is None
+        assert got.voxels == want.voxels and got.confidence == pytest.approx(want.confidence, rel=1e-6)
+        assert got.verdict == want.verdict
     json.loads((job.job_dir / RESULTS_DIR / "results.json").read_text())  # complete, not .partial
     job.cleanup()
     assert not job.job_dir.exists() and worker.alive
@@ -77,7 +79,7 @@ def test_worker_results_equal_the_engine(tiny_model_dir, tmp_path):
     assert events[0]["event"] == "started" and events[0]["pid"] == worker.pid and events[0]["warm"] is True
     np.testing.assert_array_equal(again.results()[0].labels, expected[1].labels)
     again.cleanup()
-    worker.close()  # stdin closed: the child exits by itself
+    worker.close(timeout=60)  # stdin closed: the child exits by itself
     assert worker.process.returncode == 0 and list(tmp_path.iterdir()) == []
 
 

@@ -162,8 +162,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             bar.close()
         styles = [style_for(r.prompt, i) for i, r in enumerate(results)]
         names = unique_names([s.name for s in styles])
-        segments = [SegmentSpec(name=n, mask=r.labels, color=s.color, prompt=r.prompt, terminology=s.terminology)
-                    for n, s, r in zip(names, styles, results)]
+        segments = [SegmentSpec(name=n, mask=r.labels, color=s.color, prompt=r.prompt, terminology=s.terminology,
+                                tags=answer_tags(r)) for n, s, r in zip(names, styles, results)]
         stem = _stem(path)
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty folder
         seg_path = write_segmentation(targets[path], segments, vol.ijk_to_ras)
@@ -178,9 +178,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 if array is not None:
                     write_volume(out_dir / f"{stem}_{file_safe_name(n)}_{kind}.nrrd", array, vol.ijk_to_ras)
         seconds = time.perf_counter() - start
-        voxels = ", ".join(f"{n}: {int(r.labels.sum())} voxels" for n, r in zip(names, results))
-        print(f"{seg_path}  ({voxels}; {seconds:.1f} s)")
+        answers = ", ".join(f"{n}: {describe_answer(r)}" for n, r in zip(names, results))
+        print(f"{seg_path}  ({answers}; {seconds:.1f} s)")
     return 0
+
+
+def answer_tags(result) -> dict:
+    """The segment tags that carry a result's answer (verdict and confidence)."""
+    from .io import CONFIDENCE_TAG, VERDICT_TAG
+
+    return {VERDICT_TAG: result.verdict, CONFIDENCE_TAG: f"{result.confidence:.3f}"}
+
+
+def describe_answer(result) -> str:
+    """'found, 2944 voxels, confidence 0.93' / 'not found (no voxel above the threshold)' / 'not found
+    (faint: 12 voxels, confidence 0.55)'."""
+    if result.voxels == 0:
+        return "not found (no voxel above the threshold)"
+    if result.verdict != "found":
+        return f"not found (faint: {result.voxels} voxels, confidence {result.confidence:.2f})"
+    return f"found, {result.voxels} voxels, confidence {result.confidence:.2f}"
 
 
 def file_safe_name(name: str) -> str:

@@ -1,9 +1,16 @@
 """Volume in, one label map per prompt out: the one inference path of the library.
 
-normalise -> choose slice axis and layout -> batch slices -> resize to the model's input ->
-forward under ``inference_mode`` (autocast on GPU) -> resize back (linear) -> threshold.
+intensity range (once per volume) -> choose slice axis and layout -> per batch of slices: copy,
+normalise, resize to the model's input -> forward under ``inference_mode`` (autocast on GPU) ->
+resize back (linear) -> threshold straight into the output arrays.
 Every model, the CLI, the Slicer module and ``evaluate`` go through :func:`segment_volume`, so
 intensity handling, resizing and laterality live here once.
+
+Memory follows the batch, not the volume: the slices are a view of the caller's array
+(:meth:`SliceLayout.to_slices`), each batch is copied and normalised on its own, and results are
+written through the same view into arrays already in the volume's ``(k, j, i)`` layout. Besides the
+input, a call holds the uint8 labels, the probability / uncertainty volumes only when asked, and
+a few batches of float32 work.
 """
 
 from __future__ import annotations
@@ -19,15 +26,18 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
+from .io import verdict
 from .models import encode_prompts
 from .orientation import SliceLayout, needs_left_right_swap, slice_layout
-from .preprocessing import normalize_intensity, resize_images, resize_probabilities
+from .preprocessing import apply_intensity_range, intensity_range, resize_images, resize_probabilities
 from .text import TextFeatures, clean_prompt, swap_left_right
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 CPU_MEMORY_BUDGET = 1.5e9  # bytes of activations the automatic CPU batch size aims to stay under
+INPUT_CACHE_BYTES = 256e6  # with several prompts, resized model inputs up to this size are kept for the next prompt
+CHUNK_SLICES = 4  # full-resolution slices normalised / resized / thresholded together (work memory, cache size)
 
 
 class SegmentationCancelled(RuntimeError):
@@ -45,6 +55,9 @@ class SegmentResult:
         probability: float32 foreground probability (when requested).
         uncertainty: float32 per-voxel uncertainty, for models that sample (else None).
         seconds: wall time of this prompt; slices: slices processed.
+        voxels: labelled voxels (``labels.sum()``).
+        confidence: mean probability of the labelled voxels (0 when there are none): how sure the
+            model is of what it marked. With the default threshold 0.5 it lies in 0.5..1.
     """
 
     prompt: str
@@ -55,6 +68,14 @@ class SegmentResult:
     seconds: float = 0.0
     slices: int = 0
     layout: SliceLayout | None = field(default=None, repr=False)
+    voxels: int = 0
+    confidence: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        """``found``, or ``not found`` when no voxel passed the threshold or the labelled voxels' mean
+        probability is below ``io.CONFIDENCE_FOUND`` (see :func:`TextGuidedSegLib.io.verdict`)."""
+        return verdict(self.voxels, self.confidence)
 
 
 def select_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -123,10 +144,10 @@ def validate_volume(volume: np.ndarray) -> np.ndarray:
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
             or arr.dtype == bool):
         raise ValueError(f"voxel type {arr.dtype} is not supported; convert to an integer or float type")
-    if np.issubdtype(arr.dtype, np.floating):
+    # min / max are NaN or infinite exactly when some voxel is: two passes without a boolean volume
+    if np.issubdtype(arr.dtype, np.floating) and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
         bad = int((~np.isfinite(arr)).sum())
-        if bad:
-            raise ValueError(f"{bad} voxels are NaN or infinite; fix or mask them before segmenting")
+        raise ValueError(f"{bad} voxels are NaN or infinite; fix or mask them before segmenting")
     return arr
 
 
@@ -186,8 +207,8 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
     layout = slice_layout(ijk_to_ras, arr.shape, axis)
     swap = needs_left_right_swap(layout, model.config.laterality, prompt_laterality)
     cfg = model.config
-    normalised = normalize_intensity(arr, cfg.intensity)
-    slices = layout.to_slices(normalised)
+    lo, hi = intensity_range(arr, cfg.intensity)  # sampled percentiles on large volumes, see preprocessing
+    slices = layout.to_slices(arr)  # a view: each batch is copied when it is needed
     n, rows, cols = slices.shape
     # A single slice is a picture (a chest X-ray, an endoscopy frame): its rows read top to bottom
     # like a coronal view, whatever plane its (usually missing) geometry names.
@@ -200,47 +221,85 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
     done = 0
     size = (cfg.image_size, cfg.image_size)
     logger.debug("segmenting %d %s slices of %dx%d with %s, batch %d on %s", n, layout.plane, rows, cols,
-                model.name, bs, dev)
+                 model.name, bs, dev)
+
+    def model_input(s0: int) -> torch.Tensor:
+        """Batch ``[s0, s0 + bs)`` as the model reads it: normalised, resized, channels repeated.
+
+        Full-resolution float32 copies exist for ``CHUNK_SLICES`` slices at a time only.
+        """
+        stop = min(s0 + bs, n)
+        parts = []
+        for c0 in range(s0, stop, CHUNK_SLICES):
+            chunk = apply_intensity_range(slices[c0:min(c0 + CHUNK_SLICES, stop)], lo, hi)  # a float32 copy
+            parts.append(resize_images(torch.from_numpy(chunk)[:, None].to(dev), size))  # one channel
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return x.expand(-1, 3, -1, -1) if cfg.in_channels == 3 else x
+
+    def write_back(small: torch.Tensor, s0: int, out: np.ndarray, labels_out: np.ndarray | None = None) -> None:
+        """Resize ``[b, 1, h, w]`` model-resolution values to the slices and write them into the
+        slice-layout views ``out[s0:s0 + b]`` (when given) and ``labels_out`` (thresholded)."""
+        for c0 in range(0, small.shape[0], CHUNK_SLICES):
+            full = resize_probabilities(small[c0:c0 + CHUNK_SLICES], (rows, cols))[:, 0].cpu().numpy()
+            t0, t1 = s0 + c0, s0 + c0 + full.shape[0]
+            if labels_out is not None:
+                above = full >= threshold
+                labels_out[t0:t1] = above  # True -> 1
+                answer[0] += int(above.sum())  # labelled voxels and the sum of their probabilities
+                answer[1] += float(full[above].sum(dtype=np.float64))
+            if out is not None:
+                out[t0:t1] = full
+
+    # The model input does not depend on the prompt: with several prompts it is kept for the next
+    # one when it is small (it is at the model's resolution).
+    keep_inputs = len(cleaned) > 1 and n * size[0] * size[1] * 4 <= INPUT_CACHE_BYTES
+    inputs: dict[int, torch.Tensor] = {}
 
     results = []
-    for prompt in cleaned:
+    answer = [0, 0.0]  # this prompt's labelled voxels and the sum of their probabilities (see write_back)
+    for index, prompt in enumerate(cleaned):
         start = time.perf_counter()
+        answer[:] = [0, 0.0]
         model_prompt = swap_left_right(prompt) if (prompt and swap) else prompt
         text = None
         if model_prompt is not None:
             text = encode_prompts(net, model.text_encoder, [model_prompt], plane=plane).to(dev)
-        prob = np.empty((n, rows, cols), dtype=np.float32)
-        variance = np.empty((n, rows, cols), dtype=np.float32) if n_samples > 1 else None
+        # outputs in the volume's own (k, j, i) layout, filled through views in the slice layout
+        labels = np.empty(arr.shape, dtype=np.uint8)
+        prob = np.empty(arr.shape, dtype=np.float32) if return_probability else None
+        variance = np.empty(arr.shape, dtype=np.float32) if n_samples > 1 else None
+        label_slices = layout.to_slices(labels)
+        prob_slices = layout.to_slices(prob) if prob is not None else None
+        variance_slices = layout.to_slices(variance) if variance is not None else None
         generator = torch.Generator(device=dev).manual_seed(int(seed)) if n_samples > 1 else None
         for s0 in range(0, n, bs):
             if cancel is not None and cancel.is_set():
                 raise SegmentationCancelled("segmentation cancelled; nothing was written")
-            chunk = torch.from_numpy(np.ascontiguousarray(slices[s0:s0 + bs])).to(dev)[:, None]
-            if cfg.in_channels == 3:
-                chunk = chunk.expand(-1, 3, -1, -1)
-            x = resize_images(chunk, size)
-            batch_text = text.index([0] * x.shape[0]) if text is not None else None
+            x = inputs.pop(s0, None) if keep_inputs else None
+            if x is None:
+                x = model_input(s0)
+            if keep_inputs and index < len(cleaned) - 1:
+                inputs[s0] = x
+            b = x.shape[0]
+            batch_text = text.index([0] * b) if text is not None else None
             if n_samples > 1:
                 with torch.inference_mode(), _autocast(dev):
                     sampled = net.sample(x, batch_text, n_samples, generator=generator).float()  # [S, B, 1, h, w]
-                p = resize_probabilities(sampled.mean(0), (rows, cols))
-                v = resize_probabilities(sampled.var(0, unbiased=False), (rows, cols))
-                variance[s0:s0 + x.shape[0]] = v[:, 0].cpu().numpy()
+                write_back(sampled.var(0, unbiased=False), s0, variance_slices)
+                p_small = sampled.mean(0)
+                del sampled
             else:
                 with torch.inference_mode(), _autocast(dev):
-                    logits = net(x, batch_text)["logits"]
-                p = resize_probabilities(torch.sigmoid(logits.float()), (rows, cols))
-            prob[s0:s0 + x.shape[0]] = p[:, 0].cpu().numpy()
-            done += x.shape[0]
+                    p_small = torch.sigmoid(net(x, batch_text)["logits"].float())
+            write_back(p_small, s0, prob_slices, label_slices)
+            del x, p_small  # nothing of this batch outlives it (the next forward pass is the memory peak)
+            done += b
             if progress is not None:
                 progress(done, total)
         if cancel is not None and cancel.is_set():
             raise SegmentationCancelled("segmentation cancelled; nothing was written")
-        prob_vol = layout.from_slices(prob)
         results.append(SegmentResult(
-            prompt=prompt or "", model_prompt=model_prompt or "",
-            labels=(prob_vol >= threshold).astype(np.uint8),
-            probability=prob_vol if return_probability else None,
-            uncertainty=layout.from_slices(variance) if variance is not None else None,
-            seconds=time.perf_counter() - start, slices=n, layout=layout))
+            prompt=prompt or "", model_prompt=model_prompt or "", labels=labels, probability=prob,
+            uncertainty=variance, seconds=time.perf_counter() - start, slices=n, layout=layout,
+            voxels=answer[0], confidence=answer[1] / answer[0] if answer[0] else 0.0))
     return results

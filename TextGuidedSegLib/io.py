@@ -45,6 +45,17 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 #: Segment tag holding the full prompt in a ``.seg.nrrd``.
 PROMPT_TAG = "TextGuidedSeg.Prompt"
+#: Segment tags with the model's answer: "found" / "not found", and the mean probability of the segment's voxels.
+VERDICT_TAG = "TextGuidedSeg.Verdict"
+CONFIDENCE_TAG = "TextGuidedSeg.Confidence"
+#: Mean probability of its voxels below which a segment is reported "not found" (a faint answer).
+CONFIDENCE_FOUND = 0.6
+
+
+def verdict(voxels: int, confidence: float) -> str:
+    """The answer reported with a segment (CLI summary, segment tags, Slicer panel): ``found``, or ``not
+    found`` when no voxel passed the threshold or the voxels' mean probability is below CONFIDENCE_FOUND."""
+    return "found" if voxels > 0 and confidence >= CONFIDENCE_FOUND else "not found"
 
 #: Terminology context used when a terminology string comes without one (6 instead of 7 fields):
 #: Slicer's "DICOM master list" (SegmentationCategoryTypeModifier-DICOM-Master.term.json, loaded by
@@ -382,7 +393,8 @@ class SegmentSpec:
     """One segment of a segmentation.
 
     ``mask`` is bool / 0-1 with shape ``(k, j, i)`` (the reference volume's). ``color`` is RGB in
-    0..1. ``prompt`` is stored in the segment tag ``TextGuidedSeg.Prompt``. ``terminology`` is an
+    0..1. ``prompt`` is stored in the segment tag ``TextGuidedSeg.Prompt``, ``tags`` as more segment
+    tags (name -> text). ``terminology`` is an
     optional Slicer terminology entry string (``contextName~category~type~typeModifier~
     anatomicContextName~anatomicRegion~anatomicRegionModifier``; the form without the leading
     context name is accepted too).
@@ -393,6 +405,7 @@ class SegmentSpec:
     color: Tuple[float, float, float] = (1.0, 0.0, 0.0)
     prompt: str = ""
     terminology: Optional[str] = None
+    tags: Optional[dict] = None  # more segment tags, e.g. TextGuidedSeg.Verdict / TextGuidedSeg.Confidence
 
 
 def _header_text(text: str, what: str, *, tag: bool) -> str:
@@ -536,8 +549,11 @@ def write_segmentation(path: PathLike, segments: List[SegmentSpec], ijk_to_ras: 
         }
         if seg.terminology:
             entry["terminology"] = _canonical_terminology(seg.terminology, seg.name)
-        if seg.prompt:
-            entry["tags"] = {PROMPT_TAG: _header_text(seg.prompt, "prompt", tag=True)}
+        tags = {PROMPT_TAG: seg.prompt} if seg.prompt else {}
+        tags.update(seg.tags or {})
+        if tags:
+            entry["tags"] = {_header_text(k, "tag name", tag=True): _header_text(str(v), "tag", tag=True)
+                             for k, v in tags.items()}
         seg_dicts.append(entry)
 
     segmentation = {
@@ -593,6 +609,7 @@ def read_segmentation(path: PathLike) -> Tuple[List[SegmentSpec], np.ndarray]:
             color=color,  # type: ignore[arg-type]
             prompt=str(entry.get("tags", {}).get(PROMPT_TAG, "")),
             terminology=term_str,
+            tags={k: str(v) for k, v in entry.get("tags", {}).items() if k != PROMPT_TAG} or None,
         ))
     return out, ijk_to_ras
 

@@ -76,6 +76,14 @@ class WorkerResult:
     uncertainty: np.ndarray | None = None
     seconds: float = 0.0
     slices: int = 0
+    voxels: int = 0
+    confidence: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        from .io import verdict
+
+        return verdict(self.voxels, self.confidence)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,7 +347,8 @@ def read_results(results_dir: Path) -> list[WorkerResult]:
                   for kind, name in item["files"].items()}
         out.append(WorkerResult(prompt=item["prompt"], model_prompt=item["model_prompt"], labels=arrays["labels"],
                                 probability=arrays.get("probability"), uncertainty=arrays.get("uncertainty"),
-                                seconds=float(item["seconds"]), slices=int(item["slices"])))
+                                seconds=float(item["seconds"]), slices=int(item["slices"]),
+                                voxels=int(item["voxels"]), confidence=float(item["confidence"])))
     return out
 
 
@@ -377,7 +386,8 @@ def write_results(results: Sequence, results_dir: Path, model_name: str) -> None
                 files[kind] = f"{i:03d}-{kind}.npy"
                 np.save(partial / files[kind], array, allow_pickle=False)
         index.append({"prompt": r.prompt, "model_prompt": r.model_prompt, "files": files,
-                      "seconds": float(r.seconds), "slices": int(r.slices)})
+                      "seconds": float(r.seconds), "slices": int(r.slices), "voxels": int(r.voxels),
+                      "confidence": float(r.confidence)})
     (partial / RESULTS_INDEX).write_text(json.dumps({"model": model_name, "results": index}), encoding="utf-8")
     os.replace(partial, results_dir)
 
@@ -489,4 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Every job has written its results and closed its events file: skip the interpreter's teardown of
+    # torch and the model (seconds on a busy machine), so that the process ends as soon as it is told to.
+    os._exit(status)

@@ -189,6 +189,6 @@ def test_engine_and_cli_on_the_shipped_volume(clip_dir, clip_text, tmp_path, cli
     np.testing.assert_array_equal(segments[0].mask, res.labels.astype(bool))
     rc, out, err = cli("models", "info", directory)
     assert rc == 0, err
-    info = json.loads(out)
+    info = json.loads(out[out.index("{"):])  # after the readable summary
     assert info["parameters"]["image_model_frozen"] == model.parameter_counts()["frozen"]
     assert info["parameters"]["image_model_trainable"] == model.parameter_counts()["trainable"]
