@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ from conftest import make_tiny_tmc_config
 from TextGuidedSegLib import io
 from TextGuidedSegLib.checkpoint import LoadedModel, load_pretrained, save_pretrained
 from TextGuidedSegLib.engine import SegmentationCancelled, auto_batch_size, segment_volume
-from TextGuidedSegLib.models import ModelConfig, build_model
+from TextGuidedSegLib.models import ModelConfig, build_model, encode_prompts
+from TextGuidedSegLib.orientation import slice_layout
+from TextGuidedSegLib.preprocessing import PERCENTILE_SAMPLES, intensity_range, resize_images, resize_probabilities
 from TextGuidedSegLib.text import TextFeatures
 
 LPS_IDENTITY = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -317,3 +320,194 @@ def test_sagittal_slices_never_swap():
     vol = np.random.default_rng(0).normal(size=(16, 24, 32)).astype(np.float32)
     r = segment_volume(vol, LPS_IDENTITY, ["left lung"], model, axis="sagittal", device="cpu")[0]
     assert r.model_prompt == "left lung" and r.layout.plane == "sagittal"
+
+
+# ------------------------------------------------------------------ per-batch pipeline vs the whole-volume computation
+
+
+class ImageModel(nn.Module):
+    """Logits from the picture itself (plus 0.3 when the text says 'left'), so any slip in layout,
+    normalisation or resizing shows in the labels; records what it was given."""
+
+    requires_text = True
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(9.0))
+        self.seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+    def forward(self, image, text):
+        self.seen.append((image.dtype, tuple(image.shape)))
+        logits = self.gain * (image.mean(1, keepdim=True) - 0.5) + 0.3 * text.pooled[:, :1, None, None]
+        return {"logits": logits, "losses": {}}
+
+
+def _image_model(image_size=24, in_channels=1):
+    return LoadedModel(model=ImageModel(), config=ModelConfig(model_type="image", image_size=image_size,
+                                                              in_channels=in_channels, laterality="image"),
+                       metadata={"name": "image"}, _text_encoder=WordEncoder())
+
+
+def reference_segmentation(vol, m, model, prompt, axis="auto", threshold=0.5):
+    """What the engine computed before it worked per batch, written out plainly: normalise the
+    whole volume, lay out every slice, one forward pass, resize back, put the slices back."""
+    layout = slice_layout(m, vol.shape, axis)
+    lo, hi = intensity_range(vol, model.config.intensity)
+    norm = np.clip((vol.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+    slices = np.ascontiguousarray(layout.to_slices(norm))
+    n, rows, cols = slices.shape
+    x = torch.from_numpy(slices)[:, None]
+    if model.config.in_channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    x = resize_images(x, (model.config.image_size,) * 2)
+    text = encode_prompts(model.model, model.text_encoder, [prompt], plane="coronal" if n == 1 else layout.plane)
+    with torch.inference_mode():
+        logits = model.model(x, text.index([0] * n))["logits"]
+    p = resize_probabilities(torch.sigmoid(logits.float()), (rows, cols))[:, 0].numpy()
+    prob = layout.from_slices(p)
+    return prob, (prob >= threshold).astype(np.uint8)
+
+
+def _rotation(axis, degrees):
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    r = np.eye(3)
+    a, b = [i for i in range(3) if i != axis]
+    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+    return r
+
+
+def _matrix(direction, spacing=(0.8, 0.9, 2.5), origin=(10.0, -20.0, 5.0)):
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(direction) * np.asarray(spacing)[None, :]
+    m[:3, 3] = origin
+    return m
+
+
+GEOMETRIES = {
+    "lps": np.diag([-1.0, -1.0, 1.0]),
+    "flipped": np.diag([1.0, -1.0, -1.0]),
+    "permuted": np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]),  # i->S, j->-A, k->-R... columns
+    "oblique": _rotation(0, 25) @ _rotation(2, -15) @ np.diag([-1.0, 1.0, -1.0]),
+}
+
+
+def _blobby_volume(shape, seed=0, dtype=np.int16):
+    """Smooth structures plus noise, CT-like values: labels are neither empty nor everything."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    body = 600 * np.cos(3 * i + 1) * np.sin(4 * j) + 300 * k + rng.normal(0, 80, size=shape)
+    return body.astype(dtype)
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+@pytest.mark.parametrize("axis", ["auto", "coronal", "sagittal", 1])
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_batched_engine_equals_whole_volume_reference(geometry, axis, batch_size):
+    vol = _blobby_volume((7, 20, 26))
+    m = _matrix(GEOMETRIES[geometry])
+    model = _image_model()
+    prob_ref, labels_ref = reference_segmentation(vol, m, model, "lung", axis)
+    r = segment_volume(vol, m, ["lung"], model, axis=axis, batch_size=batch_size, device="cpu",
+                       return_probability=True)[0]
+    assert r.layout == slice_layout(m, vol.shape, axis)
+    np.testing.assert_array_equal(r.probability, prob_ref)
+    np.testing.assert_array_equal(r.labels, labels_ref)
+    assert 0 < labels_ref.sum() < labels_ref.size
+    assert r.labels.flags.c_contiguous and r.probability.flags.c_contiguous
+    assert {dtype for dtype, _ in model.model.seen} == {torch.float32}
+    assert sum(shape[0] for _, shape in model.model.seen[1:]) == r.slices  # [0] is the reference's forward
+
+
+def test_per_batch_layout_gives_the_whole_volume_slices():
+    """Batches cut from the laid-out view, and results written back through it, are exactly the
+    whole-volume layout and its inverse, for every geometry and axis."""
+    vol = _blobby_volume((6, 11, 13))
+    for geometry, direction in GEOMETRIES.items():
+        for axis in ("auto", "coronal", "sagittal", 0, 2):
+            layout = slice_layout(_matrix(direction), vol.shape, axis)
+            whole = np.ascontiguousarray(layout.to_slices(vol))
+            view = layout.to_slices(vol)
+            batches = [np.array(view[s:s + 4]) for s in range(0, len(whole), 4)]
+            np.testing.assert_array_equal(np.concatenate(batches), whole, err_msg=f"{geometry} {axis}")
+            out = np.empty(vol.shape, dtype=vol.dtype)
+            out_view = layout.to_slices(out)
+            for s, batch in zip(range(0, len(whole), 4), batches):
+                out_view[s:s + 4] = batch
+            np.testing.assert_array_equal(out, vol)
+            np.testing.assert_array_equal(out, layout.from_slices(whole))
+
+
+def test_three_channel_models_see_the_same_picture_in_every_channel():
+    vol = _blobby_volume((5, 30, 18))
+    model = _image_model(in_channels=3)
+    prob_ref, labels_ref = reference_segmentation(vol, LPS_IDENTITY, model, "lung")
+    r = segment_volume(vol, LPS_IDENTITY, ["lung"], model, batch_size=2, device="cpu", return_probability=True)[0]
+    np.testing.assert_array_equal(r.probability, prob_ref)
+    np.testing.assert_array_equal(r.labels, labels_ref)
+    assert all(shape[1] == 3 for _, shape in model.model.seen)
+
+
+def test_large_volume_uses_sampled_statistics_and_matches_reference():
+    vol = _blobby_volume((20, 240, 240), seed=3)
+    assert vol.size > PERCENTILE_SAMPLES
+    model = _image_model()
+    prob_ref, labels_ref = reference_segmentation(vol, LPS_IDENTITY, model, "left lung")
+    r = segment_volume(vol, LPS_IDENTITY, ["left lung"], model, batch_size=8, device="cpu", return_probability=True,
+                       prompt_laterality="image")[0]  # the model reads the words as given, like the reference
+    np.testing.assert_array_equal(r.probability, prob_ref)
+    np.testing.assert_array_equal(r.labels, labels_ref)
+
+
+def test_tiny_network_matches_reference(tiny, brain):
+    prob_ref, labels_ref = reference_segmentation(brain.array, brain.ijk_to_ras, tiny, "brain tumour")
+    r = _run(brain.array, tiny, m=brain.ijk_to_ras, batch_size=4, return_probability=True)[0]
+    # the reference runs all 13 slices in one forward pass: convolution may round differently
+    np.testing.assert_allclose(r.probability, prob_ref, atol=1e-5, rtol=0)
+    decided = np.abs(prob_ref - 0.5) > 1e-4
+    np.testing.assert_array_equal(r.labels[decided], labels_ref[decided])
+    assert decided.mean() > 0.99
+
+
+def test_outputs_are_float32_and_input_is_untouched(tiny, brain):
+    vol = brain.array.astype(np.float32)
+    before = vol.copy()
+    r = _run(vol, tiny, m=brain.ijk_to_ras, batch_size=5, return_probability=True)[0]
+    np.testing.assert_array_equal(vol, before)
+    assert r.labels.dtype == np.uint8 and r.probability.dtype == np.float32
+    from_int = _run(brain.array, tiny, m=brain.ijk_to_ras, batch_size=5, return_probability=True)[0]
+    np.testing.assert_array_equal(from_int.probability, r.probability)
+
+
+def test_several_prompts_give_what_each_prompt_gives_alone(tiny, brain):
+    both = _run(brain.array, tiny, ["brain tumour", "left lung"], m=brain.ijk_to_ras, batch_size=4,
+                return_probability=True)
+    for r in both:
+        alone = _run(brain.array, tiny, [r.prompt], m=brain.ijk_to_ras, batch_size=4, return_probability=True)[0]
+        np.testing.assert_array_equal(r.probability, alone.probability)
+        np.testing.assert_array_equal(r.labels, alone.labels)
+
+
+def _numpy_peak_bytes(vol, model, **kw):
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        segment_volume(vol, LPS_IDENTITY, ["lung"], model, device="cpu", **kw)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_follows_the_batch_not_the_volume():
+    """numpy memory of a call, beyond its uint8 labels, is the same for 20 or 80 slices: no
+    whole-volume float copy (the old engine held three: normalised, laid out, probabilities)."""
+    model = _image_model()
+    small, large = _blobby_volume((20, 256, 256)), _blobby_volume((80, 256, 256))
+    extra = {}
+    for name, vol in (("small", small), ("large", large)):
+        _numpy_peak_bytes(vol[:2], model, batch_size=4)  # first-call allocations (text, caches) out of the way
+        extra[name] = _numpy_peak_bytes(vol, model, batch_size=4) - vol.size  # minus the uint8 labels
+    growth = extra["large"] - extra["small"]
+    float32_growth = (large.size - small.size) * 4
+    assert growth < 0.05 * float32_growth, (extra, float32_growth)
+    with_prob = _numpy_peak_bytes(large, model, batch_size=4, return_probability=True) - large.size
+    assert with_prob - extra["large"] <= large.size * 4 * 1.05  # the float32 probability volume, and only it

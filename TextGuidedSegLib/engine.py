@@ -243,10 +243,14 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
             full = resize_probabilities(small[c0:c0 + CHUNK_SLICES], (rows, cols))[:, 0].cpu().numpy()
             t0, t1 = s0 + c0, s0 + c0 + full.shape[0]
             if labels_out is not None:
-                above = full >= threshold
-                labels_out[t0:t1] = above  # True -> 1
-                answer[0] += int(above.sum())  # labelled voxels and the sum of their probabilities
-                answer[1] += float(full[above].sum(dtype=np.float64))
+                above = labels_out[t0:t1].view(np.bool_)  # the uint8 labels themselves, as 0 / 1 bytes
+                np.greater_equal(full, threshold, out=above)
+                # labelled voxels and the sum of their probabilities: multiply by the 0 / 1 mask into a
+                # reused buffer and sum that (a boolean gather, full[above], costs twice as much)
+                masked = work[:full.shape[0]]
+                np.multiply(full, above, out=masked)
+                answer[0] += int(np.count_nonzero(above))
+                answer[1] += float(masked.sum(dtype=np.float64))
             if out is not None:
                 out[t0:t1] = full
 
@@ -257,6 +261,7 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
 
     results = []
     answer = [0, 0.0]  # this prompt's labelled voxels and the sum of their probabilities (see write_back)
+    work = np.empty((min(CHUNK_SLICES, n), rows, cols), dtype=np.float32)  # write_back's scratch
     for index, prompt in enumerate(cleaned):
         start = time.perf_counter()
         answer[:] = [0, 0.0]
