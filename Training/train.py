@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:  # running from a checkout without `pip install -e
 
 from TextGuidedSegLib import __version__  # noqa: E402
 from TextGuidedSegLib.checkpoint import save_pretrained  # noqa: E402
-from TextGuidedSegLib.data import read_dataset  # noqa: E402
+from TextGuidedSegLib.data import VOLUME_KINDS, VolumeSliceDataset, read_dataset, read_msd_dataset  # noqa: E402
 from TextGuidedSegLib.data.dataset import PreloadedDataset, collate  # noqa: E402
 from TextGuidedSegLib.data.transforms import AugmentConfig, build_train_transforms, seed_transforms  # noqa: E402
 from TextGuidedSegLib.metrics import SegmentationScores  # noqa: E402
@@ -532,8 +532,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     data = cfg["data"]
     options = data.get("options", {}) or {}
-    train_cases = read_dataset(data["kind"], data["root"], data.get("train_split", "train"), **options)
-    val_cases = read_dataset(data["kind"], data["root"], data.get("val_split", "val"), **options)
+    volumes = data["kind"] in VOLUME_KINDS  # labelled volumes: slices are cut from them (data.planes)
+    msd = None
+    if volumes:
+        msd = read_msd_dataset(data["root"], data.get("train_split", "train"), **options)
+        train_cases = msd.cases
+        val_cases = read_msd_dataset(data["root"], data.get("val_split", "val"), **options).cases
+    else:
+        train_cases = read_dataset(data["kind"], data["root"], data.get("train_split", "train"), **options)
+        val_cases = read_dataset(data["kind"], data["root"], data.get("val_split", "val"), **options)
     if t["max_train_cases"]:
         train_cases = train_cases[: t["max_train_cases"]]
     if t["max_val_cases"]:
@@ -564,14 +571,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"dataset laterality {c.laterality!r} differs from the model's {model_cfg.laterality!r}")
     aug = AugmentConfig(**cfg.get("augment", {}))
     transforms = build_train_transforms(aug, model_cfg.image_size)
-    train_ds = PreloadedDataset(train_cases, model_cfg.image_size, model_cfg.intensity, model_cfg.in_channels,
-                                transforms=transforms)
-    val_ds = PreloadedDataset(val_cases, model_cfg.image_size, model_cfg.intensity, model_cfg.in_channels,
-                              keep_native_masks=True) if rank == 0 else None
+    plane = "coronal"  # what SSA's guidance grid assumes for a 2D picture (as the engine does)
+    if volumes:
+        planes = list(data.get("planes") or ["axial"])
+        if len(planes) > 1 and getattr(model, "encode_text", None) is not None:
+            raise SystemExit("this model's text depends on the slice plane: train it on one plane (data.planes)")
+        plane = planes[0]
+        train_ds = VolumeSliceDataset(train_cases, msd.prompts, model_cfg.image_size, model_cfg.intensity,
+                                      model_cfg.in_channels, planes=planes, transforms=transforms,
+                                      empty_fraction=float(data.get("empty_fraction", 1.0)), seed=t["seed"])
+        val_ds = VolumeSliceDataset(val_cases, msd.prompts, model_cfg.image_size, model_cfg.intensity,
+                                    model_cfg.in_channels, planes=planes, keep_native_masks=True,
+                                    canonical_only=True) if rank == 0 else None
+        text_pool = sorted({p for tg in msd.prompts.targets for p in tg.phrasings})
+    else:
+        train_ds = PreloadedDataset(train_cases, model_cfg.image_size, model_cfg.intensity, model_cfg.in_channels,
+                                    transforms=transforms)
+        val_ds = PreloadedDataset(val_cases, model_cfg.image_size, model_cfg.intensity, model_cfg.in_channels,
+                                  keep_native_masks=True) if rank == 0 else None
+        text_pool = [c.text for c in train_cases + val_cases]
 
     if hasattr(model, "prepare_training_texts"):
         # e.g. TGC-Net's auxiliary prompts: generated once, stored beside the data (data.auxiliary_dir)
-        stored = model.prepare_training_texts([c.text for c in train_cases + val_cases],
+        stored = model.prepare_training_texts(list(text_pool),
                                               data.get("auxiliary_dir") or data["root"])
         logger.info("auxiliary prompts: %s", stored)
     if getattr(model, "trains_without_text", False):
@@ -582,9 +604,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the model reads more than TextFeatures (e.g. SSA's parsed expressions); it caches frozen
         # encoders' vectors per string itself
         def text_for(batch_texts: list[str]) -> Any:
-            return encode_prompts(model, text_encoder, batch_texts).to(device)
+            return encode_prompts(model, text_encoder, batch_texts, plane=plane).to(device)
     elif model_cfg.text.uses_cache:
-        texts = [c.text for c in train_cases + val_cases]
+        texts = list(text_pool)
         if aug.flip_prob > 0:
             texts += [swap_left_right(x) for x in texts]
         if world > 1 and rank != 0:
