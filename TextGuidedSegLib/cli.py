@@ -2,6 +2,8 @@
 
     textguidedseg predict IMAGE_OR_DIR [...] --prompt "lower left lung infection" --output out/
     textguidedseg evaluate --dataset qata --data-root ../shared/data/qata --split val
+    textguidedseg evaluate --dataset msd --data-root ../shared/data/volumes/msd_hippocampus --split val \
+        --model hippocampus-mr-cpu --save-predictions preds/
     textguidedseg models list | info NAME | import PATH [--name NAME] | download NAME
 
 Every error a user can cause (missing file, empty prompt, NaN voxels, unknown model, ...) ends in a
@@ -213,6 +215,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_cases
     from .model_store import load_model
 
+    if args.dataset in VOLUME_DATASETS:
+        return _evaluate_volumes(args)
     options = {"prompt": args.prompt_key} if args.dataset == "kvasir" else {}
     try:
         cases = read_dataset(args.dataset, args.data_root, args.split, **options)
@@ -249,6 +253,53 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  uncertainty (variance of {args.samples or model.config.samples} samples): AUROC for wrong pixels "
               f"{summary['uncertainty_auroc']:.4f}; Dice without the 10 % most uncertain pixels, global / per-image: "
               f"{summary['dice_global_confident90']:.4f} / {summary['dice_per_image_confident90']:.4f}")
+    print(f"  slices/s: {summary['slices_per_second']:.1f}")
+    return 0
+
+
+VOLUME_DATASETS = ("msd",)
+
+
+def _evaluate_volumes(args: argparse.Namespace) -> int:
+    """``evaluate --dataset msd``: one prompt per label, 3D scores per label (mean +- sd over volumes)."""
+    from tqdm import tqdm
+
+    from .data.msd import read_msd_dataset
+    from .engine import select_device
+    from .evaluation import evaluate_volumes, format_volume_summary
+    from .model_store import load_model
+
+    if args.no_prompt:
+        raise UserError("--no-prompt is for 2D report datasets; volume datasets are scored one prompt per label")
+    try:
+        dataset = read_msd_dataset(args.data_root, args.split, split_file=args.split_file,
+                                   prompt_table=args.prompt_table)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    if args.limit:
+        dataset.cases = dataset.cases[: args.limit]
+    if not dataset.cases:
+        raise UserError(f"split {args.split!r} of {args.data_root} has no cases")
+    device = select_device(args.device)
+    model = load_model(args.model, device=device)
+    with tqdm(total=len(dataset.cases), desc=f"evaluate {dataset.name}/{args.split}", unit="volume",
+              disable=args.quiet, file=sys.stderr) as bar:
+        try:
+            summary = evaluate_volumes(model, dataset, save_predictions=args.save_predictions,
+                                       per_case_csv=args.per_case_csv, distances=not args.no_distances,
+                                       device=device, threshold=args.threshold, axis=args.axis,
+                                       progress=lambda n, total: bar.update(n - bar.n))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    summary = {"model": model.name, "dataset": args.dataset, "name": dataset.name, "split": args.split, **summary}
+    if args.json:
+        Path(args.json).write_text(encoding="utf-8", data=json.dumps(summary, indent=2) + "\n")
+    print(f"model {model.name} on {dataset.name} ({args.dataset}) / {args.split}: {summary['cases']} volumes, "
+          f"{dataset.modality}; Dice / HD95 / ASD per volume, mean +- sd (ddof 1) over volumes")
+    for line in format_volume_summary(summary):
+        print(line)
+    if args.save_predictions:
+        print(f"  label maps: {args.save_predictions}/<case id>.nii.gz (label values of dataset.json, each case's grid)")
     print(f"  slices/s: {summary['slices_per_second']:.1f}")
     return 0
 
@@ -394,16 +445,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
-    e = sub.add_parser("evaluate", help="score a model on a dataset split (both Dice conventions)",
+    e = sub.add_parser("evaluate", help="score a model on a dataset split (both Dice conventions; 3D for msd)",
                        description="Score a model on a dataset split: Dice (global and per-image), IoU, HD95, "
-                                   "ASD, laterality error rate.", formatter_class=formatter)
+                                   "ASD, laterality error rate; for a volume dataset (msd), Dice, HD95 and ASD "
+                                   "in mm per volume and label, mean +- sd over volumes.", formatter_class=formatter)
     e.add_argument("--model", "-m", default=None, help="model name or directory (default: the shipped default)")
-    e.add_argument("--dataset", required=True, choices=("qata", "kvasir", "csv"), help="dataset layout")
+    e.add_argument("--dataset", required=True, choices=("qata", "kvasir", "csv", "msd"),
+                   help="dataset layout; msd: a labelled volume dataset in the MSD / nnU-Net layout (dataset.json, "
+                        "imagesTr, labelsTr, split.json), scored in 3D per label")
     e.add_argument("--data-root", required=True, help="dataset folder (or CSV file for --dataset csv)")
     e.add_argument("--split", default="val", help="split to score (test splits are withheld here)")
+    e.add_argument("--split-file", default=None, help="msd: split file (default DATA_ROOT/split.json; without "
+                   "one, the split 'all' holds every case)")
+    e.add_argument("--prompt-table", default=None, help="msd: prompt table name (default: dataset.json's name)")
+    e.add_argument("--axis", default="auto", help="msd: slice plane (auto, axial, coronal, sagittal, 0/1/2)")
+    e.add_argument("--threshold", type=float, default=0.5,
+                   help="msd: a voxel takes the most probable label if its probability is >= this")
     e.add_argument("--prompt-key", default="p6", help="Kvasir prompt key p1..p9")
     e.add_argument("--limit", type=int, default=None, help="first N cases only")
-    e.add_argument("--save-predictions", default=None, metavar="DIR", help="write <case id>.png masks here")
+    e.add_argument("--save-predictions", default=None, metavar="DIR",
+                   help="write <case id>.png masks (msd: <case id>.nii.gz label maps) here")
     e.add_argument("--per-case-csv", default=None, metavar="FILE", help="write each case's scores here")
     e.add_argument("--json", default=None, metavar="FILE", help="write the summary as JSON")
     e.add_argument("--no-distances", action="store_true", help="skip HD95 / ASD (faster)")

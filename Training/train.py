@@ -333,14 +333,27 @@ def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg
     best_model.eval()
     text_encoder.eval()
     engine = None
+    volume_scores = None
+    data = cfg["data"]
     if cfg["train"]["final_engine_eval"]:
         loaded = LoadedModel(model=best_model, config=model_cfg, metadata={"name": cfg.get("name", "")},
                              _text_encoder=text_encoder)
-        # a text-free model is scored as users run it: no text (the reports still give laterality)
-        use_text = not getattr(best_model, "trains_without_text", False)
-        engine = evaluate_cases(loaded, val_cases, distances=True, device=str(device), use_text=use_text)
-        logger.info("engine evaluation on %d validation cases: global Dice %.4f, per-image Dice %.4f",
-                    engine["cases"], engine["dice_global"], engine["dice_per_image"])
+        if data["kind"] in VOLUME_KINDS:
+            # 3D, as `textguidedseg evaluate --dataset msd` scores it: one prompt per label
+            from TextGuidedSegLib.evaluation import evaluate_volumes, format_volume_summary
+
+            val_set = read_msd_dataset(data["root"], data.get("val_split", "val"), **(data.get("options") or {}))
+            val_set.cases = [c for c in val_set.cases if c.case_id in {v.case_id for v in val_cases}]
+            axis = (data.get("planes") or ["axial"])[0]
+            volume_scores = evaluate_volumes(loaded, val_set, device=str(device), axis=axis)
+            for line in format_volume_summary(volume_scores):
+                logger.info("engine evaluation:%s", line)
+        else:
+            # a text-free model is scored as users run it: no text (the reports still give laterality)
+            use_text = not getattr(best_model, "trains_without_text", False)
+            engine = evaluate_cases(loaded, val_cases, distances=True, device=str(device), use_text=use_text)
+            logger.info("engine evaluation on %d validation cases: global Dice %.4f, per-image Dice %.4f",
+                        engine["cases"], engine["dice_global"], engine["dice_per_image"])
     hardware = state.get("hardware") or "unknown"
     command = state.get("command") or f"python Training/train.py --config {cfg.get('config_path', '?')}"
     card = model_card(cfg, state["best"], engine, command, state["wall_s"], hardware,
@@ -351,10 +364,11 @@ def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg
         card += frozen_clip[0]
     if (out / "psa" / "psa.json").is_file():
         card += psa_card_section(json.loads((out / "psa" / "psa.json").read_text(encoding="utf-8")), model_cfg)
+    if volume_scores is not None:
+        card += volume_card_section(cfg, volume_scores)
     if export.get("notes"):  # hand-written design notes / ablations, kept in git beside the configs
         card += "\n" + (REPO / export["notes"]).read_text(encoding="utf-8")
     export_dir = Path(export.get("dir", out / "model"))
-    data = cfg["data"]
     validation = {"dataset": data["kind"], "split": data.get("val_split", "val"), "epoch": state["best"]["epoch"],
                   "training_loop": {k: state["best"][k] for k in ("dice_global", "dice_per_image")}}
     if engine is not None:
@@ -363,6 +377,10 @@ def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg
                                                   "laterality_error_rate", "laterality_cases", "uncertainty_auroc",
                                                   "dice_global_confident90", "dice_per_image_confident90")
                            if k in engine})
+    if volume_scores is not None:
+        validation.update({"volumes": volume_scores["cases"], "axis": (data.get("planes") or ["axial"])[0],
+                           "labels": volume_scores["labels"], "unions": volume_scores["unions"],
+                           "scores": volume_scores["scores"]})
     meta = {"name": cfg.get("name", model_cfg.model_type), "validation": validation,
             "training": {"command": command, "wall_minutes": round(state["wall_s"] / 60, 1), "hardware": hardware,
                          "date": dt.date.today().isoformat(), "train_cases": n_train, "val_cases": len(val_cases)}}
@@ -375,6 +393,27 @@ def export_best(cfg: dict[str, Any], out: Path, state: dict[str, Any], model_cfg
 
 
 CLIP_SIMILARITY_PNG = "clip_similarity.png"
+
+
+def volume_card_section(cfg: dict[str, Any], summary: dict[str, Any]) -> str:
+    """Model-card table for a volume dataset: 3D figures per label, mean +- sd over volumes."""
+    d = cfg["data"]
+    lines = ["", f"## 3D validation ({summary['cases']} volumes of `{d.get('val_split', 'val')}`, "
+             f"`textguidedseg evaluate --dataset msd`)", "",
+             "One prompt per label; a voxel takes the label whose probability is highest and >= 0.5. Dice per "
+             "volume, HD95 and ASD in mm from the voxel spacing (MONAI), mean +- sd (ddof 1) over volumes; "
+             "pooled = one Dice over all voxels of the split. Unions are scored from their own prompt.", "",
+             "| target | prompt | Dice | pooled Dice | HD95 (mm) | ASD (mm) |", "|---|---|---:|---:|---:|---:|"]
+    for group in ("labels", "unions"):
+        for name, info in summary[group].items():
+            s = summary["scores"][name]
+            lines.append(f"| {name} ({'+'.join(str(v) for v in info['values'])}) | {info['prompt']} | "
+                         f"{s['dice_mean']:.4f} +- {s['dice_sd']:.4f} | {s['dice_global']:.4f} | "
+                         f"{s['hd95_mean']:.2f} +- {s['hd95_sd']:.2f} | {s['asd_mean']:.2f} +- {s['asd_sd']:.2f} |")
+    lines += ["", "Re-check (writes one NIfTI label map per case):", "", "```",
+              f"textguidedseg evaluate --model <this directory> --dataset msd --data-root {d['root']} "
+              f"--split {d.get('val_split', 'val')} --save-predictions preds/", "```"]
+    return "\n".join(lines) + "\n"
 
 
 def parameter_summary(model: torch.nn.Module, text_encoder: TextEncoder) -> str:
