@@ -218,25 +218,22 @@ def read_msd_dataset(root: str | Path, split: str, *, split_file: str | Path | N
         pairs = [(_case_id(e["image"]), e.get("image"), e.get("label")) for e in entries]
     else:  # nnU-Net v2: no file list, the folders are the list
         pairs = [(_case_id(str(p)), None, None) for p in sorted((root / "labelsTr").glob("*.nii*"))]
-    by_id = {}
-    for cid, image, label in pairs:
-        label_path = (root / label).resolve() if label else root / "labelsTr" / f"{cid}.nii.gz"
-        by_id[cid] = VolumeCase(cid, _image_file(root, image, cid), label_path if label_path.is_file() else None)
+    entry_of = {cid: (image, label) for cid, image, label in pairs}
 
     splits = _read_split(root, split_file)
     if splits is None:
-        splits = {"all": list(by_id)}
+        splits = {"all": list(entry_of)}
     else:
-        splits.setdefault("all", list(by_id))
+        splits.setdefault("all", list(entry_of))
     if split not in splits:
         raise ValueError(f"split {split!r} not found under {root}; available: {', '.join(sorted(splits))}")
     cases = []
     for cid in dict.fromkeys(splits[split]):
-        if cid not in by_id:
-            # a withheld split (e.g. test) elsewhere may list cases dataset.json does not
-            label_path = root / "labelsTr" / f"{cid}.nii.gz"
-            by_id[cid] = VolumeCase(cid, _image_file(root, None, cid), label_path if label_path.is_file() else None)
-        cases.append(by_id[cid])
+        # files are looked up for the split's cases only (a withheld split elsewhere may list cases
+        # that dataset.json does not, and a copy may hold only some of dataset.json's cases)
+        image, label = entry_of.get(cid, (None, None))
+        label_path = (root / label).resolve() if label else root / "labelsTr" / f"{cid}.nii.gz"
+        cases.append(VolumeCase(cid, _image_file(root, image, cid), label_path if label_path.is_file() else None))
     return MSDDataset(root, name, modality_name, labels, table, cases)
 
 
