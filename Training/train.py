@@ -284,6 +284,22 @@ def model_card(cfg: dict[str, Any], best: dict[str, Any], engine: dict[str, Any]
         if "laterality_error_rate" in engine:
             rows += (f"| {val} laterality error rate ({engine['laterality_cases']} one-sided reports, > 10 % of the "
                      f"predicted mass on the other side) | {engine['laterality_error_rate']:.4f} |\n")
+    if d["kind"] in VOLUME_KINDS:
+        scoring = ("Training rows: every validation slice x prompt target, pooled (slice-wise global Dice) or averaged\n"
+                   "per slice (a slice whose prediction and target are both empty counts as 1), from the in-memory\n"
+                   "validation of the training loop. The 3D table below runs every volume through the inference\n"
+                   "engine exactly as users do.")
+        data_terms = ""
+    else:
+        scoring = ("Scoring (both tables): predictions resized linearly to the masks' native size and thresholded at\n"
+                   "0.5, ground truth > 127. Global Dice pools all pixels of the split; per-image Dice averages each\n"
+                   "image's Dice (an image whose prediction and ground truth are both empty counts as 1). The\n"
+                   "`textguidedseg evaluate` rows run every case through the inference engine exactly as users do;\n"
+                   "the training rows come from the in-memory validation of the training loop (inputs stored as fp16).\n"
+                   "Re-check with:\n\n```\n"
+                   f"textguidedseg evaluate --model <this directory> --dataset {d['kind']} --data-root {d['root']} "
+                   f"--split {val} {'--no-prompt ' if text_free else ''}--save-predictions preds/\n```")
+        data_terms = " (QaTa-COV19\nand Kvasir-SEG: research and education only)"
     return f"""# {cfg.get('name', m['model_type'])}
 
 Model `{m['model_type']}` trained with TextGuidedSeg {__version__}. Research use only, not for clinical use.
@@ -299,16 +315,7 @@ Model `{m['model_type']}` trained with TextGuidedSeg {__version__}. Research use
 | training wall time | {wall_s / 60:.1f} min |
 | hardware | {hardware} |
 
-Scoring (both tables): predictions resized linearly to the masks' native size and thresholded at
-0.5, ground truth > 127. Global Dice pools all pixels of the split; per-image Dice averages each
-image's Dice (an image whose prediction and ground truth are both empty counts as 1). The
-`textguidedseg evaluate` rows run every case through the inference engine exactly as users do;
-the training rows come from the in-memory validation of the training loop (inputs stored as fp16).
-Re-check with:
-
-```
-textguidedseg evaluate --model <this directory> --dataset {d['kind']} --data-root {d['root']} --split {val} {'--no-prompt ' if text_free else ''}--save-predictions preds/
-```
+{scoring}
 
 Training command:
 
@@ -316,8 +323,8 @@ Training command:
 {command}
 ```
 
-Licence of the weights: Apache-2.0 (as the code); the training data keep their own terms (QaTa-COV19
-and Kvasir-SEG: research and education only): see `shared/data/README.md`.
+Licence of the weights: Apache-2.0 (as the code); the training data keep their own terms{data_terms}:
+see `shared/data/README.md`.
 """
 
 
