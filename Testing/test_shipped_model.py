@@ -17,7 +17,8 @@ SAMPLES = ["cxr_s11234-e19977-r1", "cxr_s11242-e20020-r1", "cxr_s11247-e20029-r1
 
 
 SHIPPED = {"tmc-qata-cpu": "tmc", "tmc-kvasir-cpu": "tmc", "ssa-qata-cpu": "ssa", "svp-cvae-qata-cpu": "svp_cvae",
-           "prolearn-qata-cpu-1pct": "prolearn", "tgcnet-qata-cpu": "tgcnet"}
+           "prolearn-qata-cpu-1pct": "prolearn", "tgcnet-qata-cpu": "tgcnet", "hippocampus-mr-cpu": "ssa"}
+VOLUME_MODELS = {"hippocampus-mr-cpu"}  # trained on volumes: prompts name the patient's sides, 3D card
 TEXT_FREE = {"prolearn-qata-cpu-1pct"}
 QATA_MODELS = ["tmc-qata-cpu", "ssa-qata-cpu", "svp-cvae-qata-cpu", "tgcnet-qata-cpu"]
 
@@ -36,9 +37,14 @@ def test_every_shipped_model_matches_its_manifest_entry(name):
     assert sha256_of(weights) == entries[name]["sha256"]
     assert weights.stat().st_size == entries[name]["size"] <= 25 * 2**20
     model = load_model(name)
-    assert model.config.model_type == SHIPPED[name] and model.config.laterality == "image"
+    assert model.config.model_type == SHIPPED[name]
+    assert model.config.laterality == ("patient" if name in VOLUME_MODELS else "image")
     card = (entry.path / "README.md").read_text(encoding="utf-8")
-    assert "Dice, global" in card and "Dice, per-image" in card and "Training command" in card
+    if name in VOLUME_MODELS:
+        assert "HD95" in card and "ASD" in card and "Training command" in card and "nnU-Net" in card
+        assert entries[name]["size"] < 5 * 2**20
+    else:
+        assert "Dice, global" in card and "Dice, per-image" in card and "Training command" in card
     # the manifest's text_free flag (what the Slicer panel reads before loading) is the model's own
     assert entries[name].get("text_free", False) == model.config.text_free == (name in TEXT_FREE)
     assert entry.text_free == (name in TEXT_FREE)
@@ -179,3 +185,24 @@ def test_shipped_tgcnet_is_self_contained_and_reports_its_frozen_parts(cli):
     rc, out, err = cli("models", "info", "tgcnet-qata-cpu")
     assert rc == 0, err
     assert json.loads(out[out.index("{"):])["parameters"]["image_model_trainable"] == 642114
+
+
+def test_hippocampus_model_segments_a_validation_volume(shared_data, cli, tmp_path):
+    """hippocampus-mr-cpu on one MSD val volume through the CLI: both labels as named segments on the
+    input's grid, each close to the ground truth."""
+    root = shared_data / "volumes" / "msd_hippocampus"
+    if not (root / "dataset.json").is_file():
+        pytest.skip(f"{root} not found")
+    cid = "hippocampus_008"  # in split.json's val
+    src = root / "imagesTr" / f"{cid}.nii.gz"
+    rc, out, err = cli("predict", src, "--model", "hippocampus-mr-cpu", "--prompt", "anterior hippocampus",
+                       "--prompt", "posterior hippocampus", "--output", tmp_path, "--quiet")
+    assert rc == 0, err
+    segments, ijk_to_ras = io.read_segmentation(tmp_path / f"{cid}.seg.nrrd")
+    assert [sg.name for sg in segments] == ["anterior hippocampus", "posterior hippocampus"]
+    vol = io.read_volume(src)
+    assert np.allclose(ijk_to_ras, vol.ijk_to_ras)
+    truth = np.rint(io.read_volume(root / "labelsTr" / f"{cid}.nii.gz").array)
+    for value, segment in zip((1, 2), segments):
+        assert segment.mask.shape == vol.array.shape
+        assert dice_iou(segment.mask > 0, truth == value)[0] > 0.7

@@ -1,8 +1,8 @@
 """Score a model on a dataset split through the same engine users run.
 
 2D datasets (:func:`evaluate_cases`): every case goes through :func:`segment_volume` as a one-slice
-volume with the reader's laterality convention, at the image's native size, threshold 0.5; ground truth is > 127. Predictions can be
-written as ``<case id>.png`` (0 / 255, native size) so anyone can re-score them.
+volume with the reader's laterality convention, at the image's native size, threshold 0.5; ground
+truth is > 127. Predictions can be written as ``<case id>.png`` (0 / 255, native size) so anyone can re-score them.
 
 Volume datasets (:func:`evaluate_volumes`): one prompt per label, a multi-label answer, 3D Dice,
 HD95 and ASD in mm per volume and label, mean and sd over volumes; predictions written as
@@ -197,7 +197,8 @@ def evaluate_volumes(model: LoadedModel, dataset, *, save_predictions: str | Pat
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    return {"cases": len(cases), "labels": {t.name: {"values": list(t.labels), "prompt": t.prompt} for t in per_label},
+    return {"cases": len(cases),
+            "labels": {t.name: {"values": list(t.labels), "prompt": t.prompt} for t in per_label},
             "unions": {t.name: {"values": list(t.labels), "prompt": t.prompt} for t in union_targets},
             "scores": summarise_volume_scores(rows, names + [t.name for t in union_targets]),
             "per_case": rows, "threshold": threshold,
