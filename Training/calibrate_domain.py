@@ -71,12 +71,14 @@ def _scores(paths: list[Path], stats: DomainStatistics | None, domain: ModelDoma
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", required=True, choices=("qata", "kvasir"))
+    parser.add_argument("--dataset", required=True, choices=("qata", "kvasir", "msd"),
+                        help="training dataset; msd: a volume dataset in the MSD / nnU-Net layout")
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--domain", required=True, help="JSON with the ModelDomain fields (modality, ...)")
     parser.add_argument("--models", nargs="+", required=True, help="model folders to write the domain into")
     parser.add_argument("--other", action="append", default=[], metavar="NAME=PATH",
-                        help="other-domain inputs: qata=DIR / kvasir=DIR (their val split) or volumes=DIR")
+                        help="other-domain inputs: qata=DIR / kvasir=DIR (their val split) or volumes[-name]=DIR "
+                             "(every image volume under DIR)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
 
@@ -101,10 +103,11 @@ def main() -> None:
     }
     for item in args.other:
         name, _, path = item.partition("=")
-        paths = (_volume_inputs(Path(path)) if name == "volumes" else _picture_inputs(name, path, "val"))
+        paths = (_volume_inputs(Path(path)) if name.startswith("volumes") else _picture_inputs(name, path, "val"))
         _, scores, refused = _scores(paths, stats, domain)
         learned = scores > domain.threshold
-        calibration["detection_rate"][f"{name} ({len(paths)} {'volumes' if name == 'volumes' else 'val images'})"] = {
+        what = "volumes" if name.startswith("volumes") else "val images"
+        calibration["detection_rate"][f"{name} ({len(paths)} {what})"] = {
             "learned_score": float(learned.mean()),
             "metadata_rules": float(np.mean(refused)),
             "combined": float(np.mean(learned | np.array(refused))),
