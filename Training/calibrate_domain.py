@@ -90,10 +90,11 @@ def main() -> None:
     stats = DomainStatistics.fit(descriptors)
     _, val_scores, val_refused = _scores(val, stats, domain)
     threshold = float(np.percentile(val_scores, FALSE_ALARM_PERCENTILE))
+    unit = "volumes" if args.dataset == "msd" else "images"
     domain.threshold = round(threshold, 4)
     calibration = {
-        "fitted_on": f"{args.dataset} train ({len(train)} images)",
-        "threshold_from": f"{args.dataset} val ({len(val)} images), {FALSE_ALARM_PERCENTILE:g}th percentile",
+        "fitted_on": f"{args.dataset} train ({len(train)} {unit})",
+        "threshold_from": f"{args.dataset} val ({len(val)} {unit}), {FALSE_ALARM_PERCENTILE:g}th percentile",
         "validation_false_alarm_rate": {
             "learned_score": float((val_scores > domain.threshold).mean()),
             "metadata_rules": float(np.mean(val_refused)),
