@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,9 +87,13 @@ def test_every_shipped_model_states_its_domain():
         domain, stats = found
         assert stats is not None and domain.threshold is not None and domain.threshold > 0
         rates = domain.calibration["validation_false_alarm_rate"]
-        assert 0.0 < rates["learned_score"] <= 0.02  # the threshold is the 99th percentile of validation
+        # the threshold is the 99th percentile of validation: about 1 %, or one input of a small
+        # validation set (hippocampus-mr-cpu: 1 of 26 volumes)
+        n_val = int(re.search(r"\((\d+) ", domain.calibration["threshold_from"]).group(1))
+        assert 0.0 < rates["learned_score"] <= max(0.02, 1.0 / n_val + 1e-9), entry.name
         assert domain.calibration["detection_rate"], entry.name
-        assert domain.summary().startswith(("chest X-ray, 2D pictures", "colon endoscopy, 2D pictures"))
+        assert domain.summary().startswith(("chest X-ray, 2D pictures", "colon endoscopy, 2D pictures",
+                                            "brain (medial temporal lobe) MR, 3D volumes"))
 
 
 def test_default_model_accepts_chest_xrays_and_refuses_other_domains():
