@@ -354,8 +354,8 @@ class VolumeSliceDataset(Dataset):
         self.images = _Rows(self._images, self.slice_of)
         self.masks = torch.stack(masks)
         empty = int((self.masks.flatten(1).amax(1) == 0).sum())
-        logger.info("%d cases -> %d slices x targets = %d items (%d with an empty target) at %dx%d",
-                    len(cases), n_slice, len(self.cases), empty, image_size, image_size)
+        logger.info("%d cases -> %d slices; with %d prompt targets each, %d items kept (%d with an empty target) "
+                    "at %dx%d", len(cases), n_slice, len(self.targets), len(self.cases), empty, image_size, image_size)
 
     def __len__(self) -> int:
         return len(self.cases)
