@@ -80,7 +80,7 @@ def test_read_kvasir_bad_prompt_key(shared_data):
 
 def test_read_dataset_dispatch(shared_data):
     assert len(read_dataset("kvasir", shared_data / "kvasir", "val", prompt="p2")) == 100
-    with pytest.raises(KeyError, match="csv, kvasir, qata"):
+    with pytest.raises(KeyError, match="csv, kvasir, msd, qata"):
         read_dataset("brats", shared_data, "val")
 
 
