@@ -453,7 +453,7 @@ def _node_ids(scene) -> list[str]:
 
 def test_opening_the_panel_does_not_import_torch():
     """The panel lists the models and checks the default one as it opens (setup / enter): none of that
-    may import torch, which freezes the GUI for seconds; torch loads in the worker thread at Apply."""
+    may import torch, which freezes the GUI for seconds; torch loads in the child process at Apply."""
     code = ("import sys; sys.path.insert(0, 'TextGuidedSeg'); import TextGuidedSeg as m; "
             "from TextGuidedSegLib.model_store import DEFAULT_MODEL, list_models; "
             "L = m.TextGuidedSegLogic; "

@@ -645,8 +645,10 @@ class WrittenNodes:
 class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
     """All the work, usable without the Widget: from the GUI, batch scripts and tests.
 
-    ``process()`` = ``run_inference()`` (pure: numpy in, ``SegmentResult`` list out; safe in a
-    worker thread) + ``write_results()`` (main thread: creates or fills nodes, all or nothing).
+    The GUI runs the inference in a child process (``startInference()``, ``workerProcess()``) and
+    writes its results with ``write_results()``. ``process()`` does everything in this process, for
+    scripts and tests: ``run_inference()`` (pure: numpy in, ``SegmentResult`` list out) +
+    ``write_results()`` (creates or fills nodes, all or nothing).
     """
 
     def __init__(self) -> None:
@@ -948,7 +950,7 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
                       cancel: threading.Event | None = None) -> list:
         """Segment a ``(k, j, i)`` array once per prompt; returns TextGuidedSegLib ``SegmentResult`` s.
 
-        Pure: no MRML scene access, so the GUI runs it in a worker thread. Raises
+        Pure: no MRML scene access (the child process runs the same engine call). Raises
         ``SegmentationCancelled`` when ``cancel`` is set (after the current batch).
         """
         from TextGuidedSegLib.engine import segment_volume, select_device
