@@ -164,6 +164,30 @@ def test_predict_brain_volume_keeps_geometry(cli, model_dir, tmp_path):
     assert segments[0].name == "brain tumour" and segments[0].prompt == "brain tumour"
 
 
+def test_predict_several_brain_prompts_named_coloured_coded(cli, model_dir, tmp_path):
+    """Several --prompt, several segments (issue 20): names, Slicer colours and terminology with the
+    side modifier come from terminology.style_for. The tiny model is random (plumbing only): the
+    masks are not checked here, only that each prompt got its own named, coded segment."""
+    prompts = ["left hippocampus", "hippocampus, right side", "both thalami", "3rd ventricle", "left ventral DC"]
+    out = tmp_path / "out"
+    rc, stdout, err = _predict(cli, model_dir, out, io.sample_path("brain1_image.nrrd"), prompts=prompts)
+    assert rc == 0, err
+    segments, _ = io.read_segmentation(out / "brain1_image.seg.nrrd")
+    assert [s.name for s in segments] == ["left hippocampus", "right hippocampus", "both thalami", "3rd ventricle",
+                                          "left ventral DC"]
+    assert [s.prompt for s in segments] == prompts
+    for index, (seg, prompt) in enumerate(zip(segments, prompts)):
+        style = style_for(prompt, index)
+        assert seg.terminology == style.terminology
+        np.testing.assert_allclose(seg.color, style.color, atol=1e-6)
+    assert "~SCT^5366008^Hippocampus~SCT^7771000^Left~" in segments[0].terminology
+    assert "~SCT^5366008^Hippocampus~SCT^24028007^Right~" in segments[1].terminology
+    assert "~SCT^42695009^Thalamus~SCT^51440002^Right and left~" in segments[2].terminology
+    np.testing.assert_allclose(segments[2].color, np.array([166, 113, 137]) / 255, atol=1e-6)
+    assert "~SCT^49841001^Third ventricle~^^~" in segments[3].terminology
+    assert segments[4].terminology is None  # Slicer has no entry for the ventral diencephalon
+
+
 # ------------------------------------------------------------------ predict: bad input
 
 

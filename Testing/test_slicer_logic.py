@@ -330,6 +330,50 @@ def test_text_free_model_runs_without_a_prompt(tgs, scene, logic, volume_node, b
     assert scene.GetNumberOfNodes() == before
 
 
+def test_brain_prompts_give_named_coloured_coded_segments(tgs, scene, logic):
+    """Several brain prompts, several segments (issue 20): each named after its prompt (made unique),
+    with Slicer's colour where it has one and the TerminologyEntry tag with the side modifier; a
+    structure Slicer has no entry for gets no coded type. Synthetic results on a small volume: the
+    naming and styling of write_results, without a brain model."""
+    from TextGuidedSegLib.engine import SegmentResult
+
+    prompts = ["left hippocampus", "right hippocampus", "hippocampus, left side", "both thalami", "right putamen",
+               "3rd ventricle", "left ventral DC"]
+    shape = (3, 8, 8)
+    volume = logic.addVolumeFromArray(scene, np.zeros(shape, np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]), "small")
+    results = []
+    for value, prompt in enumerate(prompts, 1):
+        labels = np.zeros(shape, np.uint8)
+        labels.flat[value * 7] = 1
+        results.append(SegmentResult(prompt=prompt, model_prompt=prompt, labels=labels, voxels=1, confidence=0.9))
+    node = logic.write_results(volume, results).segmentationNode
+    segmentation = node.GetSegmentation()
+    ids = _segment_ids(node)
+    assert [segmentation.GetSegment(i).GetName() for i in ids] == [
+        "left hippocampus", "right hippocampus", "left hippocampus (2)", "both thalami", "right putamen",
+        "3rd ventricle", "left ventral DC"]
+    entries = []
+    for index, (segment_id, prompt) in enumerate(zip(ids, prompts)):
+        segment = segmentation.GetSegment(segment_id)
+        style = style_for(prompt, index)
+        np.testing.assert_allclose(segment.GetColor(), style.color, atol=1e-6)
+        assert _tag(segment, tgs.PROMPT_TAG) == prompt
+        entries.append(_tag(segment, "TerminologyEntry"))
+        if style.terminology:
+            assert entries[-1] == style.terminology
+    assert "~SCT^5366008^Hippocampus~SCT^7771000^Left~" in entries[0]
+    assert "~SCT^5366008^Hippocampus~SCT^24028007^Right~" in entries[1]
+    assert entries[2] == entries[0]
+    assert "~SCT^42695009^Thalamus~SCT^51440002^Right and left~" in entries[3]
+    assert "~SCT^89278009^Putamen~SCT^24028007^Right~" in entries[4]
+    np.testing.assert_allclose(segmentation.GetSegment(ids[4]).GetColor(), np.array([210, 157, 166]) / 255, atol=1e-6)
+    assert "~SCT^49841001^Third ventricle~^^~" in entries[5]
+    assert "123037004" not in (entries[6] or "")  # ventral DC: no coded type of ours
+    for segment_id, result in zip(ids, results):
+        array, _ = _export(scene, tgs, node, segment_id, volume)
+        np.testing.assert_array_equal(array != 0, result.labels != 0)
+
+
 def test_write_results_is_all_or_nothing(scene, logic, volume_node, reference, monkeypatch):
     _, expected = reference
     node = logic.write_results(volume_node, expected[:1]).segmentationNode
