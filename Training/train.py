@@ -556,6 +556,29 @@ def psa_card_section(info: dict[str, Any], model_cfg: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+def synth_brain_datasets(data: dict[str, Any], model_cfg: Any, t: dict[str, Any], rank: int) -> tuple:
+    """``data.kind: synthseg``: training images generated from label maps, validation on a fixed
+    generated set from maps kept apart (``data.val_maps``: how many of the sorted maps, from the end)."""
+    from TextGuidedSegLib.data.synthseg import (BRAIN_PROMPTS, GeneratorConfig, SynthBrainDataset,
+                                                SynthBrainValidation, label_map_files, read_label_slices)
+
+    files = label_map_files(data["root"])
+    n_val = int(data.get("val_maps", 3))
+    if not 0 < n_val < len(files):
+        raise SystemExit(f"data.val_maps must be between 1 and {len(files) - 1} (there are {len(files)} label maps)")
+    maps = {"train": files[:-n_val], "val": files[-n_val:]}
+    generator = GeneratorConfig(**(data.get("generator") or {}))
+    train_ds = SynthBrainDataset(read_label_slices(maps["train"]), model_cfg.image_size,
+                                 prompts_per_image=int(data.get("prompts_per_image", 4)),
+                                 absent_fraction=float(data.get("absent_fraction", 0.2)),
+                                 samples_per_epoch=int(data.get("samples_per_epoch", 4096)), config=generator,
+                                 seed=t["seed"])
+    val_ds = SynthBrainValidation(read_label_slices(maps["val"]), model_cfg.image_size,
+                                  images=int(data.get("val_images", 150)), config=generator) if rank == 0 else None
+    text_pool = sorted({p for tg in BRAIN_PROMPTS.targets for p in tg.phrasings})
+    return train_ds, val_ds, text_pool, maps
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. Training/configs/tmc_qata_cpu.yaml")
@@ -579,8 +602,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = cfg["data"]
     options = data.get("options", {}) or {}
     volumes = data["kind"] in VOLUME_KINDS  # labelled volumes: slices are cut from them (data.planes)
+    synth = data["kind"] == "synthseg"  # brain images generated from label maps (data/synthseg.py)
     msd = None
-    if volumes:
+    if synth:
+        train_cases, val_cases = [], []  # the label maps are read below; no case list
+    elif volumes:
         msd = read_msd_dataset(data["root"], data.get("train_split", "train"), **options)
         train_cases = msd.cases
         val_cases = read_msd_dataset(data["root"], data.get("val_split", "val"), **options).cases
@@ -618,7 +644,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     aug = AugmentConfig(**cfg.get("augment", {}))
     transforms = build_train_transforms(aug, model_cfg.image_size)
     plane = "coronal"  # what SSA's guidance grid assumes for a 2D picture (as the engine does)
-    if volumes:
+    if synth:
+        train_ds, val_ds, text_pool, synth_maps = synth_brain_datasets(data, model_cfg, t, rank)
+        plane = "axial"
+    elif volumes:
         planes = list(data.get("planes") or ["axial"])
         if len(planes) > 1 and getattr(model, "encode_text", None) is not None:
             raise SystemExit("this model's text depends on the slice plane: train it on one plane (data.planes)")
@@ -728,8 +757,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             order = None
         else:
             order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+        if hasattr(train_ds, "set_epoch"):  # generated data: the epoch seeds the images
+            train_ds.set_epoch(epoch)
         loader = DataLoader(train_ds, batch_size=t["batch_size"], sampler=sampler if sampler is not None else order,
-                            collate_fn=collate, num_workers=t["num_workers"], drop_last=True)
+                            collate_fn=getattr(train_ds, "collate", collate), num_workers=t["num_workers"],
+                            drop_last=True)
         model.train()
         text_encoder.train()
         if hasattr(model, "on_epoch_start"):  # e.g. SVP-CVAE's KL warm-up beta(t)
@@ -813,8 +845,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result = {"best": state["best"], "epochs": state["epoch"], "output_dir": str(out)}
     if rank == 0 and state["best"] is not None:
-        result["model_dir"] = str(export_best(cfg, out, state, model_cfg, text_encoder, val_cases, len(train_cases),
-                                              device, world))
+        result["model_dir"] = str(export_best(cfg, out, state, model_cfg, text_encoder, val_cases,
+                                              len(synth_maps["train"]) if synth else len(train_cases), device, world))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

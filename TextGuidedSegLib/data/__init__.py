@@ -7,8 +7,13 @@ from pathlib import Path
 from .cases import SegmentationCase, read_grey, read_mask, read_rgb
 from .csv_reader import read_csv
 from .kvasir import read_kvasir
-from .msd import MSDDataset, VolumeCase, VolumeSliceDataset, read_msd, read_msd_dataset
+from .msd import PROMPT_TABLES, MSDDataset, VolumeCase, VolumeSliceDataset, read_msd, read_msd_dataset
 from .qata import read_qata
+from .synthseg import BRAIN_PROMPTS, atlas_prompt_table
+
+# brain structures by FreeSurfer value (label maps, SynthSeg); "brain-aal": the six pairs an atlas names
+PROMPT_TABLES["brain"] = BRAIN_PROMPTS
+PROMPT_TABLES["brain-aal"] = atlas_prompt_table()
 
 READERS = {"qata": read_qata, "kvasir": read_kvasir, "csv": read_csv, "msd": read_msd}
 # readers whose cases are labelled volumes (3D scoring, slice sampling for training)

@@ -22,6 +22,17 @@ guidance; 91.65 Dice on QaTa-COV19 test); the concrete design below is ours:
 
 Ablations (config): ``ot`` = ``symmetric`` / ``regions_to_text`` / ``none`` (text enters as one
 global vector), ``guidance`` on / off.
+
+Where the text enters the decoder (``text_fusion``): ``decoder`` (above: the transported regions
+and FiLM at every decoder stage) or ``late``: the encoder and the U-Net decoder read no text, so
+one image's features serve every prompt asked of it (a user asking for 17 brain structures pays
+for the image once); per prompt, the symmetric transport runs on the shared regions, its
+text-enriched regions give a coarse map that is upsampled onto the decoder's stride-2 pixel
+features, and a small FiLM-modulated head turns them into logits. ``late`` needs
+``guidance: false`` (the guidance channel is an input of the encoder).
+
+A text batch may be ``k`` times the image batch (image ``b`` answers prompts ``b*k .. b*k+k-1``):
+``late`` computes the image part once per image; ``decoder`` repeats the images.
 """
 
 from __future__ import annotations
@@ -59,6 +70,9 @@ class SSAConfig(ModelConfig):
         guidance: use the directional guidance mask (input prior + loss).
         guidance_weight: weight of the outside-the-described-region loss.
         align_weight: weight of the region-expression InfoNCE loss.
+        text_fusion: ``decoder`` (FiLM at every decoder stage) or ``late`` (text-free image features
+            shared by all prompts, a per-prompt head; see the module docstring).
+        head_channels: ``late`` only: channels of the per-prompt head at stride 2 (its cost per prompt).
     """
 
     model_type: str = "ssa"
@@ -72,6 +86,8 @@ class SSAConfig(ModelConfig):
     guidance: bool = True
     guidance_weight: float = 0.5
     align_weight: float = 0.1
+    text_fusion: str = "decoder"
+    head_channels: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +102,11 @@ class SSAConfig(ModelConfig):
             raise ValueError("ot_epsilon must be > 0 and ot_iterations >= 1")
         if self.image_size % 32:
             raise ValueError(f"SSA image_size must be divisible by 32, got {self.image_size}")
+        if self.text_fusion not in ("decoder", "late"):
+            raise ValueError(f"text_fusion must be 'decoder' or 'late', got {self.text_fusion!r}")
+        if self.text_fusion == "late" and self.guidance:
+            raise ValueError("text_fusion 'late' shares image features across prompts; the guidance channel is "
+                             "an encoder input that depends on the prompt: set guidance: false")
 
 
 @dataclass
@@ -179,13 +200,27 @@ class SSA(nn.Module):
         self.up8 = DecoderBlock(dec[0], enc[2], dec[1])
         self.up4 = DecoderBlock(dec[1], enc[1], dec[2])
         self.up2 = DecoderBlock(dec[2], enc[0], dec[3])
-        self.film = nn.ModuleList([FiLM(d, c) for c in (enc[4], *dec)])
-        self.head = nn.Conv2d(dec[3], 1, 1)
+        self.late = config.text_fusion == "late"
+        if self.late:  # text-free decoder; per prompt: coarse region map + FiLM head on the pixel features
+            c = config.head_channels
+            self.pixel_proj = nn.Conv2d(dec[3], c, 1)  # text-free: the per-prompt work scales with c
+            self.region_map = nn.Conv2d(2 * d, c, 1)
+            self.film = nn.ModuleList([FiLM(d, c)])
+            self.head = nn.Linear(d, c + 1)  # the prompt's own 1x1 convolution (weights, bias)
+        else:
+            self.film = nn.ModuleList([FiLM(d, c) for c in (enc[4], *dec)])
+            self.head = nn.Conv2d(dec[3], 1, 1)
         self._pooled_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @property
     def requires_text(self) -> bool:
         return True
+
+    @property
+    def shares_image_features(self) -> bool:
+        """True when one forward pass can answer several prompts per image for the price of one
+        image part (``text`` batch = k x image batch)."""
+        return self.late
 
     # ------------------------------------------------------------------ text
     def encode_text(self, encoder: TextEncoder, prompts: Sequence[str], plane: str = "coronal") -> SSAText:
@@ -229,6 +264,11 @@ class SSA(nn.Module):
         if not isinstance(text, SSAText):
             raise TypeError("SSA reads SSAText: encode prompts with model.encode_text(encoder, prompts)")
         check_divisible(image, 32, "SSA")
+        k = _prompts_per_image(image, text)
+        if self.late:
+            return self._forward_late(image, text, k)
+        if k > 1:
+            image = image.repeat_interleave(k, 0)
         cfg = self.config
         b, _, h, w = image.shape
         guide = render_guidance(text.cells.to(image.dtype), h, w) if cfg.guidance else None
@@ -271,14 +311,65 @@ class SSA(nn.Module):
         z = self.film[4](self.up2(z, feats[0]), text_vector)
         logits = self.head(F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False))
 
-        losses = {}
-        if self.training and cfg.align_weight > 0:
-            pooled_regions = (regions_in_text * expr_mask[..., None]).sum(1) / expr_mask.sum(1, keepdim=True)
-            pooled_text = (expr * expr_mask[..., None]).sum(1) / expr_mask.sum(1, keepdim=True)
-            losses["align"] = cfg.align_weight * info_nce(pooled_regions, pooled_text, self.temperature())
+        losses = self._align_loss(regions_in_text, expr, expr_mask)
         if self.training and guide is not None and cfg.guidance_weight > 0:
             losses["guidance"] = cfg.guidance_weight * outside_mass(logits, guide)
         return {"logits": logits, "losses": losses}
+
+    def _align_loss(self, regions_in_text: torch.Tensor, expr: torch.Tensor, expr_mask: torch.Tensor) -> dict:
+        if not (self.training and self.config.align_weight > 0):
+            return {}
+        pooled_regions = (regions_in_text * expr_mask[..., None]).sum(1) / expr_mask.sum(1, keepdim=True)
+        pooled_text = (expr * expr_mask[..., None]).sum(1) / expr_mask.sum(1, keepdim=True)
+        return {"align": self.config.align_weight * info_nce(pooled_regions, pooled_text, self.temperature())}
+
+    def _forward_late(self, image: torch.Tensor, text: SSAText, k: int) -> dict:
+        """Image part once per image (no text), then every prompt: OT on the shared regions and the head."""
+        _, _, h, w = image.shape
+        feats = self.encoder(image)
+        level = feats[self.region_level]
+        rh, rw = level.shape[-2:]
+        regions = self.region_in(level).flatten(2).transpose(1, 2)              # [B, N, d]
+        z = self.up16(feats[4], feats[3])
+        z = self.up8(z, feats[2])
+        z = self.up4(z, feats[1])
+        pixels = self.pixel_proj(self.up2(z, feats[0]))                          # [B, c, h/2, w/2]
+        b, c, ph, pw = pixels.shape
+        if k > 1:
+            regions = regions.repeat_interleave(k, 0)  # small (stride 16); the pixels are broadcast, not copied
+        n = regions.shape[0]
+        expr = self.text_in(text.expressions.to(image.dtype))                    # [n, E, d]
+        expr_mask = text.expression_mask.to(image.dtype)
+        expr_mass = expr_mask / expr_mask.sum(1, keepdim=True).clamp_min(1.0)
+        uniform = torch.full((n, rh * rw), 1.0 / (rh * rw), device=image.device, dtype=image.dtype)
+        if self.regions_to_text is not None:
+            text_in_regions, _ = self.regions_to_text(regions, expr, uniform, expr_mass)
+        else:
+            sentence = (expr * expr_mask[..., None]).sum(1) / expr_mask.sum(1, keepdim=True).clamp_min(1.0)
+            text_in_regions = sentence[:, None].expand_as(regions)
+        if self.text_to_regions is not None:
+            regions_in_text, _ = self.text_to_regions(expr, regions, expr_mass, uniform)
+        else:
+            regions_in_text = regions.mean(1, keepdim=True).expand_as(expr)
+        fused = torch.cat([regions, text_in_regions], -1).transpose(1, 2).reshape(n, -1, rh, rw)
+        text_vector = self.text_out(((expr + regions_in_text) * expr_mask[..., None]).sum(1)
+                                    / expr_mask.sum(1, keepdim=True).clamp_min(1.0))
+        # per prompt, at stride 2: FiLM(pixels) + the coarse text-aware map -> GELU -> the prompt's 1x1 conv
+        coarse = F.interpolate(self.region_map(fused), size=(ph, pw), mode="bilinear", align_corners=False)
+        gamma, beta = self.film[0].proj(text_vector).to(pixels.dtype).view(b, k, 2 * c, 1, 1).chunk(2, dim=2)
+        hidden = F.gelu(pixels[:, None] * (1 + gamma) + beta + coarse.view(b, k, c, ph, pw))
+        weight, bias = self.head(text_vector).to(pixels.dtype).view(b, k, c + 1).split([c, 1], dim=2)
+        z = torch.einsum("bkchw,bkc->bkhw", hidden, weight) + bias[..., None]
+        logits = F.interpolate(z.reshape(n, 1, ph, pw), size=(h, w), mode="bilinear", align_corners=False)
+        return {"logits": logits, "losses": self._align_loss(regions_in_text, expr, expr_mask)}
+
+
+def _prompts_per_image(image: torch.Tensor, text: SSAText) -> int:
+    """How many prompts each image answers (the text batch is a whole multiple of the image batch)."""
+    b, t = image.shape[0], text.expressions.shape[0]
+    if t % b:
+        raise ValueError(f"{t} prompts for {b} images: the text batch must be a whole multiple of the image batch")
+    return t // b
 
 
 def outside_mass(logits: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
