@@ -245,12 +245,11 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
             if labels_out is not None:
                 above = labels_out[t0:t1].view(np.bool_)  # the uint8 labels themselves, as 0 / 1 bytes
                 np.greater_equal(full, threshold, out=above)
-                # labelled voxels and the sum of their probabilities: multiply by the 0 / 1 mask into a
-                # reused buffer and sum that (a boolean gather, full[above], costs twice as much)
-                masked = work[:full.shape[0]]
-                np.multiply(full, above, out=masked)
+                # labelled voxels and the sum of their probabilities: a float32 dot product of the
+                # probabilities with the 0 / 1 mask (BLAS, about half the time of multiplying into a
+                # buffer and summing that in float64; a boolean gather, full[above], costs more still)
                 answer[0] += int(np.count_nonzero(above))
-                answer[1] += float(masked.sum(dtype=np.float64))
+                answer[1] += float(np.dot(full.reshape(-1), above.astype(np.float32, order="C").reshape(-1)))
             if out is not None:
                 out[t0:t1] = full
 
@@ -261,7 +260,6 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
 
     results = []
     answer = [0, 0.0]  # this prompt's labelled voxels and the sum of their probabilities (see write_back)
-    work = np.empty((min(CHUNK_SLICES, n), rows, cols), dtype=np.float32)  # write_back's scratch
     for index, prompt in enumerate(cleaned):
         start = time.perf_counter()
         answer[:] = [0, 0.0]
