@@ -170,3 +170,29 @@ def test_late_fusion_answers_many_prompts_per_image_like_one_at_a_time():
 def test_late_fusion_refuses_the_guidance_channel():
     with pytest.raises(ValueError, match="guidance: false"):
         config_from_dict({"model_type": "ssa", "image_size": 64, "guidance": True, "text_fusion": "late"})
+
+
+def test_engine_answers_many_prompts_at_once_like_one_at_a_time():
+    """The shared path (all prompts per batch) gives each prompt's labels, probabilities, voxel count
+    and confidence as a call with that prompt alone; progress counts prompts x slices."""
+    from TextGuidedSegLib.checkpoint import LoadedModel
+    from TextGuidedSegLib.engine import segment_volume
+
+    model, encoder = _late_ssa()
+    loaded = LoadedModel(model, model.config, _text_encoder=encoder)
+    rng = np.random.default_rng(0)
+    volume = rng.normal(100, 20, (7, 40, 36)).astype(np.float32)
+    ijk_to_ras = np.diag([-1.0, -1.0, 2.0, 1.0])
+    prompts = ["left hippocampus", "right putamen", "brainstem"]
+    seen = []
+    together = segment_volume(volume, ijk_to_ras, prompts, loaded, batch_size=3, return_probability=True,
+                              threshold=0.45, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (21, 21) and seen[0] == (9, 21)
+    for prompt, result in zip(prompts, together):
+        [alone] = segment_volume(volume, ijk_to_ras, [prompt], loaded, batch_size=3, return_probability=True,
+                                 threshold=0.45)
+        assert result.prompt == prompt and result.labels.shape == volume.shape
+        np.testing.assert_allclose(result.probability, alone.probability, atol=1e-5)
+        np.testing.assert_array_equal(result.labels, alone.labels)
+        assert result.voxels == alone.voxels and result.confidence == pytest.approx(alone.confidence, rel=1e-4)
+    assert not np.array_equal(together[0].probability, together[1].probability)

@@ -11,6 +11,10 @@ Memory follows the batch, not the volume: the slices are a view of the caller's 
 written through the same view into arrays already in the volume's ``(k, j, i)`` layout. Besides the
 input, a call holds the uint8 labels, the probability / uncertainty volumes only when asked, and
 a few batches of float32 work.
+
+Several prompts: a model whose image part reads no text (``shares_image_features``, e.g. SSA with
+``text_fusion: late``) answers all prompts of a call in the same batches, so the image part runs
+once per slice; other models run the prompts one after another on the same (cached) inputs.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ class SegmentResult:
         labels: uint8 mask, 1 where the probability >= threshold.
         probability: float32 foreground probability (when requested).
         uncertainty: float32 per-voxel uncertainty, for models that sample (else None).
-        seconds: wall time of this prompt; slices: slices processed.
+        seconds: wall time of this prompt (prompts answered together share their time equally);
+            slices: slices processed.
         voxels: labelled voxels (``labels.sum()``).
         confidence: mean probability of the labelled voxels (0 when there are none): how sure the
             model is of what it marked. With the default threshold 0.5 it lies in 0.5..1.
@@ -236,9 +241,11 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         return x.expand(-1, 3, -1, -1) if cfg.in_channels == 3 else x
 
-    def write_back(small: torch.Tensor, s0: int, out: np.ndarray, labels_out: np.ndarray | None = None) -> None:
+    def write_back(small: torch.Tensor, s0: int, out: np.ndarray | None, labels_out: np.ndarray | None = None,
+                   answer: list | None = None) -> None:
         """Resize ``[b, 1, h, w]`` model-resolution values to the slices and write them into the
-        slice-layout views ``out[s0:s0 + b]`` (when given) and ``labels_out`` (thresholded)."""
+        slice-layout views ``out[s0:s0 + b]`` (when given) and ``labels_out`` (thresholded; the
+        labelled voxels and the sum of their probabilities are added to ``answer``)."""
         for c0 in range(0, small.shape[0], CHUNK_SLICES):
             full = resize_probabilities(small[c0:c0 + CHUNK_SLICES], (rows, cols))[:, 0].cpu().numpy()
             t0, t1 = s0 + c0, s0 + c0 + full.shape[0]
@@ -253,26 +260,31 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
             if out is not None:
                 out[t0:t1] = full
 
-    # The model input does not depend on the prompt: with several prompts it is kept for the next
-    # one when it is small (it is at the model's resolution).
-    keep_inputs = len(cleaned) > 1 and n * size[0] * size[1] * 4 <= INPUT_CACHE_BYTES
+    # Prompts answered together: a model whose image part reads no text (``shares_image_features``)
+    # answers every prompt of a batch in one forward pass, the image part once; other models take
+    # one prompt at a time.
+    shared = len(cleaned) > 1 and n_samples == 1 and bool(getattr(net, "shares_image_features", False))
+    groups = [list(range(len(cleaned)))] if shared else [[i] for i in range(len(cleaned))]
+    # The model input does not depend on the prompt: when prompts run one after another it is kept
+    # for the next one when it is small (it is at the model's resolution).
+    keep_inputs = len(groups) > 1 and n * size[0] * size[1] * 4 <= INPUT_CACHE_BYTES
     inputs: dict[int, torch.Tensor] = {}
 
     results = []
-    answer = [0, 0.0]  # this prompt's labelled voxels and the sum of their probabilities (see write_back)
-    for index, prompt in enumerate(cleaned):
+    for group_index, group in enumerate(groups):
         start = time.perf_counter()
-        answer[:] = [0, 0.0]
-        model_prompt = swap_left_right(prompt) if (prompt and swap) else prompt
+        g = len(group)
+        answers = [[0, 0.0] for _ in group]  # per prompt: labelled voxels, sum of their probabilities
+        model_prompts = [swap_left_right(cleaned[i]) if (cleaned[i] and swap) else cleaned[i] for i in group]
         text = None
-        if model_prompt is not None:
-            text = encode_prompts(net, model.text_encoder, [model_prompt], plane=plane).to(dev)
+        if model_prompts[0] is not None:
+            text = encode_prompts(net, model.text_encoder, model_prompts, plane=plane).to(dev)
         # outputs in the volume's own (k, j, i) layout, filled through views in the slice layout
-        labels = np.empty(arr.shape, dtype=np.uint8)
-        prob = np.empty(arr.shape, dtype=np.float32) if return_probability else None
+        labels = [np.empty(arr.shape, dtype=np.uint8) for _ in group]
+        prob = [np.empty(arr.shape, dtype=np.float32) if return_probability else None for _ in group]
         variance = np.empty(arr.shape, dtype=np.float32) if n_samples > 1 else None
-        label_slices = layout.to_slices(labels)
-        prob_slices = layout.to_slices(prob) if prob is not None else None
+        label_slices = [layout.to_slices(a) for a in labels]
+        prob_slices = [layout.to_slices(a) if a is not None else None for a in prob]
         variance_slices = layout.to_slices(variance) if variance is not None else None
         generator = torch.Generator(device=dev).manual_seed(int(seed)) if n_samples > 1 else None
         for s0 in range(0, n, bs):
@@ -281,10 +293,11 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
             x = inputs.pop(s0, None) if keep_inputs else None
             if x is None:
                 x = model_input(s0)
-            if keep_inputs and index < len(cleaned) - 1:
+            if keep_inputs and group_index < len(groups) - 1:
                 inputs[s0] = x
             b = x.shape[0]
-            batch_text = text.index([0] * b) if text is not None else None
+            # image t answers prompts t*g .. t*g+g-1 (the models' convention for a text batch of g x b)
+            batch_text = text.index([j for _ in range(b) for j in range(g)]) if text is not None else None
             if n_samples > 1:
                 with torch.inference_mode(), _autocast(dev):
                     sampled = net.sample(x, batch_text, n_samples, generator=generator).float()  # [S, B, 1, h, w]
@@ -294,15 +307,20 @@ def segment_volume(volume: np.ndarray, ijk_to_ras: np.ndarray, prompts: Sequence
             else:
                 with torch.inference_mode(), _autocast(dev):
                     p_small = torch.sigmoid(net(x, batch_text)["logits"].float())
-            write_back(p_small, s0, prob_slices, label_slices)
+            p_small = p_small.view(b, g, *p_small.shape[1:])
+            for j in range(g):
+                write_back(p_small[:, j], s0, prob_slices[j], label_slices[j], answers[j])
             del x, p_small  # nothing of this batch outlives it (the next forward pass is the memory peak)
-            done += b
+            done += b * g
             if progress is not None:
                 progress(done, total)
         if cancel is not None and cancel.is_set():
             raise SegmentationCancelled("segmentation cancelled; nothing was written")
-        results.append(SegmentResult(
-            prompt=prompt or "", model_prompt=model_prompt or "", labels=labels, probability=prob,
-            uncertainty=variance, seconds=time.perf_counter() - start, slices=n, layout=layout,
-            voxels=answer[0], confidence=answer[1] / answer[0] if answer[0] else 0.0))
+        seconds = (time.perf_counter() - start) / g  # prompts answered together share the time
+        for j, i in enumerate(group):
+            voxels, mass = answers[j]
+            results.append(SegmentResult(
+                prompt=cleaned[i] or "", model_prompt=model_prompts[j] or "", labels=labels[j], probability=prob[j],
+                uncertainty=variance, seconds=seconds, slices=n, layout=layout, voxels=voxels,
+                confidence=mass / voxels if voxels else 0.0))
     return results
