@@ -23,9 +23,13 @@ TEXT_FREE = {"prolearn-qata-cpu-1pct"}
 QATA_MODELS = ["tmc-qata-cpu", "ssa-qata-cpu", "svp-cvae-qata-cpu", "tgcnet-qata-cpu"]
 
 
+ENSEMBLES = {"qata-ensemble-cpu": QATA_MODELS}  # no weights of their own: members' probabilities averaged
+
+
 def test_manifest_lists_every_shipped_model():
-    entries = {e["name"]: e["model_type"] for e in json.loads(MANIFEST.read_text(encoding="utf-8"))["models"]}
-    assert entries == SHIPPED
+    models = json.loads(MANIFEST.read_text(encoding="utf-8"))["models"]
+    assert {e["name"]: e["model_type"] for e in models if "members" not in e} == SHIPPED
+    assert {e["name"]: [m["name"] for m in e["members"]] for e in models if "members" in e} == ENSEMBLES
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

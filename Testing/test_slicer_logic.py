@@ -961,7 +961,7 @@ def test_tags_match_library(tgs):
 def test_parameter_node_annotations_resolve(tgs):
     hints = tgs.TextGuidedSegParameterNode.__annotations__
     assert set(hints) == {"inputVolume", "outputSegmentation", "modelName", "prompts", "threshold", "device",
-                          "axis", "laterality", "writeProbability", "samples"}
+                          "axis", "laterality", "writeProbability", "samples", "flip"}
     assert hints["inputVolume"] is slicer.vtkMRMLScalarVolumeNode
     assert not any(isinstance(h, str) for h in hints.values())
 
@@ -977,7 +977,7 @@ def test_ui_file_matches_widget(tgs):
     expected_class = {"inputVolume": "qMRMLNodeComboBox", "outputSegmentation": "qMRMLNodeComboBox",
                       "threshold": "ctkSliderWidget", "device": "QComboBox", "axis": "QComboBox",
                       "laterality": "QComboBox", "writeProbability": "QCheckBox",
-                      "samples": "QSpinBox"}
+                      "samples": "QSpinBox", "flip": "QCheckBox"}
     bound = {}
     for w in root.iter("widget"):
         for prop in w.findall("property"):
@@ -1079,6 +1079,28 @@ def test_shipped_model_through_logic_on_sample_xray(tgs, scene, logic, model_nam
     np.testing.assert_array_equal(array != 0, expected.labels != 0)
     inter = np.logical_and(array != 0, truth).sum()
     assert 2 * inter / ((array != 0).sum() + truth.sum()) > 0.6
+
+
+def test_shipped_ensemble_with_the_flip_through_logic_on_sample_xray(tgs, scene, logic):
+    """The panel offers the manifest ensemble like a model: through the Logic (with the text-aware
+    flip) it gives the engine's segmentation, plus an uncertainty volume (the members' disagreement)."""
+    cid = "cxr_s11234-e19977-r1"
+    xray = read_volume(sample_path(f"qata/{cid}.png"))
+    report = sample_path(f"qata/{cid}.txt").read_text(encoding="utf-8")
+    node = logic.addVolumeFromArray(scene, xray.array, xray.ijk_to_ras, "cxr")
+    check, _ = logic.checkDomain(node, "qata-ensemble-cpu")
+    assert check is not None and check.ok  # the members' domain
+    assert not logic.modelIsTextFree("qata-ensemble-cpu") and not logic.modelNeedsDownload("qata-ensemble-cpu")
+    segmentation_node = logic.process(node, [report], "qata-ensemble-cpu", device="cpu", laterality="image",
+                                      flip=True)
+    [segment_id] = _segment_ids(segmentation_node)
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    assert _tag(segment, tgs.MODEL_TAG) == "qata-ensemble-cpu"
+    assert segmentation_node.GetNumberOfNodeReferences(tgs.UNCERTAINTY_REFERENCE_ROLE) == 1
+    array, _ = _export(scene, tgs, segmentation_node, segment_id, node)
+    expected = segment_volume(xray.array, xray.ijk_to_ras, [report], load_model("qata-ensemble-cpu"), device="cpu",
+                              prompt_laterality="image", flip=True)[0]
+    np.testing.assert_array_equal(array != 0, expected.labels != 0)
 
 
 def test_shipped_text_free_model_through_logic_without_a_prompt(tgs, scene, logic):

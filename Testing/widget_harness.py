@@ -87,7 +87,7 @@ def headless_widget(module: ModuleType, volumeNode, model: str, prompts: str, **
     widget.logic.logCallback = widget._setStatus
     widget._timer = FakeTimer()
     fields = dict(inputVolume=volumeNode, outputSegmentation=None, modelName=model, prompts=prompts, threshold=0.5,
-                  device="cpu", axis="auto", laterality="patient", writeProbability=False, samples=8)
+                  device="cpu", axis="auto", laterality="patient", writeProbability=False, samples=8, flip=False)
     fields.update(parameters)
     widget._parameterNode = FakeParameterNode(**fields)
     # outside the application VTKObservationMixin is a stand-in without observers

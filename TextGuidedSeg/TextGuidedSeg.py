@@ -217,6 +217,7 @@ class TextGuidedSegParameterNode:
     writeProbability: also create one probability volume per prompt.
     samples: masks drawn per prompt by models that sample (SVP-CVAE); their spread becomes an
         uncertainty volume. 1 = no uncertainty. Other models ignore it.
+    flip: text-aware test-time flip (see TextGuidedSegLib.engine.segment_volume).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -229,6 +230,7 @@ class TextGuidedSegParameterNode:
     laterality: Annotated[str, Choice(LATERALITIES)] = "patient"
     writeProbability: bool = False
     samples: Annotated[int, WithinRange(1, 64)] = 8
+    flip: bool = False
 
 
 # With postponed annotations (PEP 563) the hints are strings; resolve them in this module's namespace
@@ -354,7 +356,7 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            # Node selectors, threshold, device, axis, laterality and the probability check box carry
+            # Node selectors, threshold, device, axis, laterality, the probability and flip check boxes carry
             # the 'SlicerParameterName' property in the .ui file; model and prompts are synced here.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
@@ -446,9 +448,15 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.addItem(_("(models are listed once dependencies are installed: press Apply)"), "")
                 logger.info("model list unavailable: %s", exc)
             for entry in entries:
-                if entry.path is None and not entry.url:
+                if entry.path is None and not entry.url and not entry.members:
                     continue
-                if entry.path is None:  # listed in the manifest, not downloaded: Apply downloads it
+                if entry.members:  # an ensemble: its members run as one model (downloaded on Apply if needed)
+                    if self.logic.modelNeedsDownload(entry.name):
+                        self._modelsToDownload.add(entry.name)
+                    combo.addItem(entry.name, entry.name)
+                    where = _("Ensemble of {members}").format(
+                        members=", ".join(f"{name} ({weight:g})" for name, weight in entry.members))
+                elif entry.path is None:  # listed in the manifest, not downloaded: Apply downloads it
                     self._modelsToDownload.add(entry.name)
                     combo.addItem(_("{name} (download)").format(name=entry.name), entry.name)
                     where = _("Downloaded on Apply ({size:.1f} MB) from {url}").format(
@@ -543,7 +551,7 @@ class TextGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         run = self.logic.startInference(p.inputVolume, prompts, p.modelName or None, p.outputSegmentation,
                                            threshold=p.threshold, device=p.device, axis=p.axis,
                                            laterality=p.laterality, probability=p.writeProbability,
-                                           samples=p.samples)
+                                           samples=p.samples, flip=p.flip)
         return _Job(volumeNodeID=p.inputVolume.GetID(),
                     segmentationNodeID=p.outputSegmentation.GetID() if p.outputSegmentation else None, run=run)
 
@@ -818,8 +826,8 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
         (ProLearn). Read from the manifest or the model's config.json: nothing is loaded."""
         from TextGuidedSegLib.model_store import DEFAULT_MODEL, list_models, resolve_model
 
-        if model is not None and not isinstance(model, str):  # a LoadedModel
-            return not getattr(model.model, "requires_text", True)
+        if model is not None and not isinstance(model, str):  # a LoadedModel or an Ensemble
+            return not model.requires_text
         name = model or DEFAULT_MODEL
         for entry in list_models():
             if entry.name == name:
@@ -856,9 +864,10 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
         """A ``LoadedModel`` from a name, a folder, None (the default model) or a LoadedModel."""
         from TextGuidedSegLib.checkpoint import LoadedModel
         from TextGuidedSegLib.engine import select_device
+        from TextGuidedSegLib.ensemble import Ensemble
         from TextGuidedSegLib.model_store import load_model
 
-        if isinstance(model, LoadedModel):
+        if isinstance(model, (LoadedModel, Ensemble)):
             return model
         return load_model(os.fspath(model) if model else None, device=select_device(device))
 
@@ -867,14 +876,14 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
         quick enough for the main thread). Returns ``(check, fits)``: the ``DomainCheck`` (None when the
         model states no domain or is not downloaded yet) and the installed models that accept the input."""
         from TextGuidedSegLib.domain import check_input, fitting_models
-        from TextGuidedSegLib.model_store import list_models, needs_download, resolve_model
+        from TextGuidedSegLib.model_store import domain_folder, list_models, needs_download, resolve_model
 
         array = self.volumeArray(volumeNode, copy=False)  # first: "no input volume" before any model problem
         if needs_download(model if isinstance(model, str) or model is None else None):
             return None, []
         entry = resolve_model(os.fspath(model) if model else None)
         ijkToRas = self.ijkToRasArray(volumeNode)
-        check = check_input(entry.name, entry.path, array, ijkToRas, axis=axis)
+        check = check_input(entry.name, domain_folder(entry), array, ijkToRas, axis=axis)  # an ensemble: its members'
         if check is None or check.ok:
             return check, []
         return check, fitting_models(list_models(), array, ijkToRas, exclude=entry.name)
@@ -906,7 +915,7 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
     def startInference(self, volumeNode, prompts: str | Sequence[str], model=None, segmentationNode=None, *,
                        threshold: float = 0.5, device: str = "auto", axis: str = "auto",
                        laterality: str = "patient", probability: bool = False, samples: int | None = None,
-                       batchSize: int | str = "auto"):
+                       flip: bool = False, batchSize: int | str = "auto"):
         """Start segmenting ``volumeNode`` in the child process; returns a ``TextGuidedSegLib.worker.WorkerJob``.
 
         The voxels are copied to a temporary folder now; nothing in the scene changes until the caller
@@ -918,7 +927,7 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
         array = self.volumeArray(volumeNode)
         self.checkNodes(volumeNode, segmentationNode)
         options = dict(threshold=float(threshold), device=device, axis=axis, prompt_laterality=laterality,
-                       return_probability=bool(probability), batch_size=batchSize)
+                       return_probability=bool(probability), batch_size=batchSize, flip=bool(flip))
         if samples is not None:
             options["samples"] = int(samples)
         return WorkerJob.start(array, self.ijkToRasArray(volumeNode), self.parsePrompts(prompts),
@@ -946,7 +955,8 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
     def run_inference(self, volume: np.ndarray, ijkToRas: np.ndarray, prompts: str | Sequence[str], model=None, *,
                       threshold: float = 0.5, device: str = "auto", axis: str = "auto",
                       laterality: str = "patient", probability: bool = False, batchSize: int | str = "auto",
-                      samples: int | None = None, progress: Callable[[int, int], None] | None = None,
+                      samples: int | None = None, flip: bool = False,
+                      progress: Callable[[int, int], None] | None = None,
                       cancel: threading.Event | None = None) -> list:
         """Segment a ``(k, j, i)`` array once per prompt; returns TextGuidedSegLib ``SegmentResult`` s.
 
@@ -958,11 +968,12 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
         dev = select_device(device)
         loaded = self.loadModel(model, str(dev))
         # the panel's sample count only means something to models that sample masks
-        if not getattr(loaded.model, "samples_masks", False):
+        if not loaded.samples_masks:
             samples = None
         return segment_volume(volume, ijkToRas, self.parsePrompts(prompts), loaded, axis=axis,
                               batch_size=batchSize, threshold=threshold, device=dev, prompt_laterality=laterality,
-                              return_probability=probability, samples=samples, progress=progress, cancel=cancel)
+                              return_probability=probability, samples=samples, flip=bool(flip), progress=progress,
+                              cancel=cancel)
 
     # --- writing nodes (main thread) ---------------------------------------------------------
 
@@ -1160,14 +1171,15 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
 
     def process(self, volumeNode, prompts: str | Sequence[str], model=None, segmentationNode=None, *,
                 threshold: float = 0.5, device: str = "auto", axis: str = "auto", laterality: str = "patient",
-                probability: bool = False, samples: int | None = None,
+                probability: bool = False, samples: int | None = None, flip: bool = False,
                 progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None):
         """Segment ``volumeNode`` once per prompt and add the segments to ``segmentationNode``.
 
         Args:
             volumeNode: a ``vtkMRMLScalarVolumeNode`` in a scene.
             prompts: a list, or text with one prompt per line.
-            model: a model name, a model folder, a ``LoadedModel``, or None for the default model. A
+            model: a model name, a model folder, a ``LoadedModel``, an ensemble (a manifest ensemble name,
+                ``"a,b"`` / ``"a:0.6,b:0.4"``, or an ``Ensemble``), or None for the default model. A
                 manifest model that is not downloaded yet is downloaded first.
             segmentationNode: the segmentation to add to; None creates one.
             threshold, device, axis, laterality: see ``TextGuidedSegLib.engine.segment_volume``
@@ -1176,6 +1188,7 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
             samples: masks drawn per prompt by models that sample (SVP-CVAE; None = the model's
                 default): each prompt then also gets an uncertainty volume (variance of the sampled
                 probabilities). Ignored by models that do not sample.
+            flip: text-aware test-time flip (``TextGuidedSegLib.engine.segment_volume``).
             progress: ``progress(done, total)`` after every batch of slices.
             cancel: a ``threading.Event``; when set, ``SegmentationCancelled`` (``DownloadCancelled``
                 while downloading) is raised and the scene is left untouched.
@@ -1192,7 +1205,7 @@ class TextGuidedSegLogic(ScriptedLoadableModuleLogic):
         loaded = self.loadModel(model, device)
         results = self.run_inference(array, ijkToRas, prompts, loaded, threshold=threshold, device=device, axis=axis,
                                      laterality=laterality, probability=probability, samples=samples,
-                                     progress=progress, cancel=cancel)
+                                     flip=flip, progress=progress, cancel=cancel)
         written = self.write_results(volumeNode, results, segmentationNode, modelName=loaded.name)
         self.log(f"segmented '{volumeNode.GetName()}' with {loaded.name} in {time.perf_counter() - start:.1f} s")
         return written.segmentationNode

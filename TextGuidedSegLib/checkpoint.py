@@ -74,6 +74,16 @@ class LoadedModel:
     def name(self) -> str:
         return self.metadata.get("name") or (self.path.name if self.path else self.config.model_type)
 
+    @property
+    def requires_text(self) -> bool:
+        """False for text-free models (ProLearn), which segment without a prompt."""
+        return bool(getattr(self.model, "requires_text", True))
+
+    @property
+    def samples_masks(self) -> bool:
+        """True for models that sample masks (SVP-CVAE): ``samples`` and an uncertainty apply to them."""
+        return bool(getattr(self.model, "samples_masks", False))
+
 
 def sha256_of(path: str | Path) -> str:
     h = hashlib.sha256()

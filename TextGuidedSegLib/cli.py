@@ -2,6 +2,7 @@
 
     textguidedseg predict IMAGE_OR_DIR [...] --prompt "lower left lung infection" --output out/
     textguidedseg evaluate --dataset qata --data-root ../shared/data/qata --split val
+    textguidedseg evaluate --dataset qata --data-root ../shared/data/qata --model qata-ensemble-cpu --flip
     textguidedseg evaluate --dataset msd --data-root ../shared/data/volumes/msd_hippocampus --split val \
         --model hippocampus-mr-cpu --save-predictions preds/
     textguidedseg models list | info NAME | import PATH [--name NAME] | download NAME
@@ -125,18 +126,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .domain import check_input, fitting_models
     from .engine import segment_volume, select_device
     from .io import ImageReadError, SegmentSpec, read_volume, write_labelmap, write_segmentation, write_volume
-    from .model_store import load_model
+    from .model_store import domain_folder, load_model
     from .terminology import style_for, unique_names
 
     device = select_device(args.device)
-    model = load_model(str(entry.path), device=device)
+    model = load_model(entry.name if entry.members else str(entry.path), device=device)
+    domain_dir = domain_folder(entry)  # an ensemble's members share one domain
     batch = "auto" if args.batch_size == "auto" else int(args.batch_size)
     for path in inputs:
         try:
             vol = read_volume(path)
         except ImageReadError as exc:
             raise UserError(str(exc)) from None
-        check = check_input(entry.name, entry.path, vol.array, vol.ijk_to_ras, colour=vol.colour, axis=args.axis)
+        check = check_input(entry.name, domain_dir, vol.array, vol.ijk_to_ras, colour=vol.colour, axis=args.axis)
         if check is not None and not check.ok:
             if not args.force:
                 fits = fitting_models(list_models(), vol.array, vol.ijk_to_ras, colour=vol.colour, exclude=entry.name)
@@ -157,7 +159,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             results = segment_volume(vol.array, vol.ijk_to_ras, prompts, model, axis=args.axis, batch_size=batch,
                                      threshold=args.threshold, device=device, prompt_laterality=args.laterality,
                                      return_probability=args.probability, samples=args.samples, seed=args.seed,
-                                     progress=progress)
+                                     flip=args.flip, progress=progress)
         except ValueError as exc:
             raise UserError(f"{path}: {exc}") from None
         finally:
@@ -175,7 +177,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 labels[r.labels > 0] = value
             write_labelmap(out_dir / f"{stem}_labels.nii.gz", labels, vol.ijk_to_ras)
         for n, r in zip(names, results):
-            # models that sample masks also give an uncertainty (variance of the sampled probabilities)
+            # models that sample masks and ensembles also give an uncertainty (variance of the sampled
+            # probabilities; of an ensemble's members)
             for kind, array in (("probability", r.probability), ("uncertainty", r.uncertainty)):
                 if array is not None:
                     write_volume(out_dir / f"{stem}_{file_safe_name(n)}_{kind}.nrrd", array, vol.ijk_to_ras)
@@ -212,6 +215,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .data import read_dataset
     from .engine import select_device
+    from .ensemble import Ensemble
     from .evaluation import evaluate_cases
     from .model_store import load_model
 
@@ -226,21 +230,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cases = cases[: args.limit]
     device = select_device(args.device)
     model = load_model(args.model, device=device)
-    if args.no_prompt and getattr(model.model, "requires_text", True):
+    if args.no_prompt and model.requires_text:
         raise UserError(f"model '{model.name}' needs the reports as prompts; --no-prompt is for text-free models "
                         "(ProLearn)")
     with tqdm(total=len(cases), desc=f"evaluate {args.dataset}/{args.split}", unit="case", disable=args.quiet,
               file=sys.stderr) as bar:
-        summary = evaluate_cases(model, cases, save_predictions=args.save_predictions, per_case_csv=args.per_case_csv,
-                                 distances=not args.no_distances, device=device, samples=args.samples,
-                                 seed=args.seed, use_text=not args.no_prompt,
-                                 progress=lambda n, total: bar.update(n - bar.n))
+        try:
+            summary = evaluate_cases(model, cases, save_predictions=args.save_predictions,
+                                     per_case_csv=args.per_case_csv, distances=not args.no_distances, device=device,
+                                     samples=args.samples, seed=args.seed, use_text=not args.no_prompt,
+                                     flip=args.flip, progress=lambda n, total: bar.update(n - bar.n))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     summary = {"model": model.name, "dataset": args.dataset, "split": args.split, "prompts": not args.no_prompt,
-               **summary}
+               "flip": bool(args.flip), **summary}
     if args.json:
         Path(args.json).write_text(encoding="utf-8", data=json.dumps(summary, indent=2) + "\n")
     print(f"model {model.name} on {args.dataset}/{args.split} ({summary['cases']} cases"
-          f"{', text-free: no prompt' if args.no_prompt else ''})")
+          f"{', text-free: no prompt' if args.no_prompt else ''}"
+          f"{', text-aware flip' if args.flip else ''})")
     print(f"  Dice global (pooled pixels): {summary['dice_global']:.4f}")
     print(f"  Dice per-image (mean):       {summary['dice_per_image']:.4f}")
     print(f"  IoU global / per-image:      {summary['iou_global']:.4f} / {summary['iou_per_image']:.4f}")
@@ -250,10 +258,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  laterality error rate ({summary['laterality_cases']} one-sided cases, >10 % mass on the "
               f"other side): {summary['laterality_error_rate']:.4f}")
     if "uncertainty_auroc" in summary:
-        print(f"  uncertainty (variance of {args.samples or model.config.samples} samples): AUROC for wrong pixels "
+        source = ("the members' disagreement" if isinstance(model, Ensemble)
+                  else f"variance of {args.samples or model.config.samples} samples")
+        print(f"  uncertainty ({source}): AUROC for wrong pixels "
               f"{summary['uncertainty_auroc']:.4f}; Dice without the 10 % most uncertain pixels, global / per-image: "
               f"{summary['dice_global_confident90']:.4f} / {summary['dice_per_image_confident90']:.4f}")
-    print(f"  slices/s: {summary['slices_per_second']:.1f}")
+    print(f"  slices/s: {summary['slices_per_second']:.1f} ({1000 * summary['seconds_per_case']:.1f} ms per image)")
     return 0
 
 
@@ -287,11 +297,12 @@ def _evaluate_volumes(args: argparse.Namespace) -> int:
         try:
             summary = evaluate_volumes(model, dataset, save_predictions=args.save_predictions,
                                        per_case_csv=args.per_case_csv, distances=not args.no_distances,
-                                       device=device, threshold=args.threshold, axis=args.axis,
+                                       device=device, threshold=args.threshold, axis=args.axis, flip=args.flip,
                                        progress=lambda n, total: bar.update(n - bar.n))
         except ValueError as exc:
             raise UserError(str(exc)) from None
-    summary = {"model": model.name, "dataset": args.dataset, "name": dataset.name, "split": args.split, **summary}
+    summary = {"model": model.name, "dataset": args.dataset, "name": dataset.name, "split": args.split,
+               "flip": bool(args.flip), **summary}
     if args.json:
         Path(args.json).write_text(encoding="utf-8", data=json.dumps(summary, indent=2) + "\n")
     print(f"model {model.name} on {dataset.name} ({args.dataset}) / {args.split}: {summary['cases']} volumes, "
@@ -311,10 +322,20 @@ def cmd_models(args: argparse.Namespace) -> int:
         from .domain import read_domain
         from .model_store import DEFAULT_MODEL
 
+        from .checkpoint import CheckpointError
+        from .model_store import domain_folder
+
         entries = list_models()
         for e in entries:
             where = e.path if e.path is not None else f"(not downloaded: textguidedseg models download {e.name})"
-            found = read_domain(e.path) if e.path is not None else None
+            folder = e.path
+            if e.members:
+                where = "ensemble of " + ", ".join(f"{n} ({w:g})" for n, w in e.members)
+                try:
+                    folder = domain_folder(resolve_model(e.name))
+                except CheckpointError as exc:  # a member missing or not downloaded: say so, list the rest
+                    folder, where = None, f"{where}: {exc}"
+            found = read_domain(folder) if folder is not None else None
             domain = found[0].summary().split(";")[0] if found else "(domain not stated)"
             name = e.name + (" (default)" if e.name == DEFAULT_MODEL else "")
             print(f"{name:34s} {e.model_type:9s} {e.source:8s} {domain:32s} {where}")
@@ -326,7 +347,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         entry = resolve_model(args.target)
         info = describe(entry)
-        info["parameters"] = load_model(str(entry.path)).parameter_counts()
+        if not entry.members:
+            info["parameters"] = load_model(str(entry.path)).parameter_counts()
         print(_model_summary(entry, info))
         print(json.dumps(info, indent=2))
     elif args.action == "import":
@@ -346,8 +368,13 @@ def _model_summary(entry, info: dict) -> str:
     from .domain import read_domain
     from .model_store import DEFAULT_MODEL
 
+    from .model_store import domain_folder
+
     lines = [f"{entry.name}{' (default)' if entry.name == DEFAULT_MODEL else ''}: {entry.description or info['model_type']}"]
-    found = read_domain(entry.path)
+    if entry.members:
+        lines.append("  members (weight): " + ", ".join(f"{n} ({w:g})" for n, w in entry.members)
+                     + "; probabilities averaged before the threshold")
+    found = read_domain(domain_folder(entry))
     if found is None:
         lines.append("  for: not stated (no domain.json): inputs are not checked before segmenting")
     else:
@@ -366,7 +393,8 @@ def _model_summary(entry, info: dict) -> str:
         lines.append("  parameters: " + ", ".join(f"{k.replace('_', ' ')} {v / 1e6:.2f} M" for k, v in params.items()))
     if entry.licence:
         lines.append(f"  licence: {entry.licence}")
-    lines.append(f"  folder: {entry.path}")
+    if entry.path is not None:
+        lines.append(f"  folder: {entry.path}")
     return "\n".join(lines)
 
 
@@ -423,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append",
                    help="what to segment; repeat for several segments (leave out for text-free models: ProLearn)")
     p.add_argument("--output", "-o", required=True, help="output directory (<input>.seg.nrrd is written there)")
-    p.add_argument("--model", "-m", default=None, help="model name or directory (default: the shipped default)")
+    p.add_argument("--model", "-m", default=None,
+                   help="model name or directory (default: the shipped default); several models as one ensemble: "
+                        "'a,b,c' (equal weights) or 'a:0.5,b:0.3,c:0.2' (weights summing to 1)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability at or above which a voxel is labelled")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--batch-size", default="auto", help="slices per forward pass, or auto")
@@ -435,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models that sample masks (SVP-CVAE): how many (default: the model's; 1 = no uncertainty). "
                         "Writes <input>_<segment>_uncertainty.nrrd (variance of the sampled probabilities)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (same seed, same samples)")
+    p.add_argument("--flip", action="store_true",
+                   help="text-aware test-time flip: also segment each slice mirrored left-right with 'left' and "
+                        "'right' swapped in the prompt, and average the two answers (about twice the time; "
+                        "sagittal slices are not flipped)")
     p.add_argument("--labelmap", action="store_true",
                    help="also write <input>_labels.nii.gz: label i = i-th prompt (a later prompt wins where two overlap)")
     p.add_argument("--shard", default=None, help="i/n: process every n-th input starting at i (cluster arrays)")
@@ -449,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score a model on a dataset split: Dice (global and per-image), IoU, HD95, "
                                    "ASD, laterality error rate; for a volume dataset (msd), Dice, HD95 and ASD "
                                    "in mm per volume and label, mean +- sd over volumes.", formatter_class=formatter)
-    e.add_argument("--model", "-m", default=None, help="model name or directory (default: the shipped default)")
+    e.add_argument("--model", "-m", default=None,
+                   help="model name or directory (default: the shipped default), or an ensemble: 'a,b,c' or "
+                        "'a:0.5,b:0.3,c:0.2'")
     e.add_argument("--dataset", required=True, choices=("qata", "kvasir", "csv", "msd"),
                    help="dataset layout; msd: a labelled volume dataset in the MSD / nnU-Net layout (dataset.json, "
                         "imagesTr, labelsTr, split.json), scored in 3D per label")
@@ -472,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models that sample masks (SVP-CVAE): samples per case (default: the model's); "
                         "adds the uncertainty scores (AUROC for wrong pixels, Dice without the 10 %% most uncertain)")
     e.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    e.add_argument("--flip", action="store_true",
+                   help="text-aware test-time flip (see predict --flip): scored like any model")
     e.add_argument("--no-prompt", action="store_true",
                    help="text-free models (ProLearn): segment with no prompt; the reports still pick the "
                         "one-sided cases of the laterality error rate")

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import LoadedModel
+from .ensemble import Ensemble
 from .data import SegmentationCase, read_grey, read_mask
 from .engine import segment_volume
 from .guidance import side_columns
@@ -35,17 +36,21 @@ logger = logging.getLogger(__name__)
 IMAGE_IJK_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def evaluate_cases(model: LoadedModel, cases: Sequence[SegmentationCase], *, save_predictions: str | Path | None = None,
+def evaluate_cases(model: LoadedModel | Ensemble, cases: Sequence[SegmentationCase], *,
+                   save_predictions: str | Path | None = None,
                    per_case_csv: str | Path | None = None, distances: bool = True, device: str | None = None,
                    threshold: float = 0.5, samples: int | None = None, seed: int = 0, use_text: bool = True,
-                   progress: Callable[[int, int], None] | None = None,
+                   flip: bool = False, progress: Callable[[int, int], None] | None = None,
                    cancel: threading.Event | None = None) -> dict[str, float]:
     """Both Dice conventions, IoU, HD95, ASD (pixels), slices/s over ``cases``, and the laterality
     error rate over the cases whose text names one side only (see :mod:`TextGuidedSegLib.metrics`).
     Models that sample masks (``samples`` > 1) are also scored on how well their uncertainty
     flags their errors (:class:`TextGuidedSegLib.metrics.UncertaintyScores`).
     ``use_text=False`` runs a text-free model (ProLearn) with no prompt; the cases' reports still
-    decide which cases count for the laterality error rate."""
+    decide which cases count for the laterality error rate. ``model`` may be an
+    :class:`~TextGuidedSegLib.ensemble.Ensemble` (its uncertainty, the members' disagreement, is then
+    scored like sampled masks'); ``flip`` is the engine's text-aware test-time flip.
+    ``seconds_per_case``: engine time per image (reading and scoring not counted)."""
     if not cases:
         raise ValueError("no cases to evaluate")
     pred_dir = Path(save_predictions) if save_predictions else None
@@ -61,7 +66,8 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[SegmentationCase], *, sav
         start = time.perf_counter()
         result = segment_volume(image, IMAGE_IJK_TO_RAS, [case.text] if case.text and use_text else None, model,
                                 batch_size=1, threshold=threshold, device=device,
-                                prompt_laterality=case.laterality, samples=samples, seed=seed, cancel=cancel)[0]
+                                prompt_laterality=case.laterality, samples=samples, seed=seed, flip=flip,
+                                cancel=cancel)[0]
         engine_seconds += time.perf_counter() - start
         pred = result.labels[0].astype(bool)
         if pred.shape != truth.shape:
@@ -82,6 +88,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence[SegmentationCase], *, sav
     if uncertainty.kept_dice:
         summary.update(uncertainty.summary())
     summary["slices_per_second"] = len(cases) / engine_seconds if engine_seconds > 0 else float("nan")
+    summary["seconds_per_case"] = engine_seconds / len(cases)
     if per_case_csv:
         with open(per_case_csv, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -135,9 +142,9 @@ def summarise_volume_scores(rows: Sequence[dict], names: Sequence[str]) -> dict[
     return out
 
 
-def evaluate_volumes(model: LoadedModel, dataset, *, save_predictions: str | Path | None = None,
+def evaluate_volumes(model: LoadedModel | Ensemble, dataset, *, save_predictions: str | Path | None = None,
                      per_case_csv: str | Path | None = None, distances: bool = True, device: str | None = None,
-                     threshold: float = 0.5, axis: str | int = "auto", unions: bool = True,
+                     threshold: float = 0.5, axis: str | int = "auto", unions: bool = True, flip: bool = False,
                      progress: Callable[[int, int], None] | None = None,
                      cancel: threading.Event | None = None) -> dict:
     """Score a model on the volumes of an :class:`TextGuidedSegLib.data.msd.MSDDataset` split.
@@ -148,8 +155,9 @@ def evaluate_volumes(model: LoadedModel, dataset, *, save_predictions: str | Pat
     in mm (MONAI, from the volume's spacing); then mean and sd over volumes
     (:func:`summarise_volume_scores`). Union targets of the prompt table (e.g. "hippocampus" =
     anterior + posterior) are scored too, from their own prompt, against the union of their labels.
-    ``save_predictions``: ``DIR/<case id>.nii.gz``, the label map with the dataset's label values
-    on the case's own grid (origin, spacing, direction of the image file).
+    ``flip``: the engine's text-aware test-time flip. ``save_predictions``: ``DIR/<case id>.nii.gz``, the
+    label map with the dataset's label values on the case's own grid (origin, spacing, direction of
+    the image file).
     """
     from .data.msd import read_case
     from .io import write_labelmap
@@ -172,7 +180,7 @@ def evaluate_volumes(model: LoadedModel, dataset, *, save_predictions: str | Pat
         start = time.perf_counter()
         results = segment_volume(volume, ijk_to_ras, [t.prompt for t in per_label + union_targets], model,
                                  axis=axis, threshold=threshold, device=device, return_probability=True,
-                                 cancel=cancel)
+                                 flip=flip, cancel=cancel)
         engine_seconds += time.perf_counter() - start
         n_slices += sum(r.slices for r in results)
         labels = multi_label_map([r.probability for r in results[: len(per_label)]],

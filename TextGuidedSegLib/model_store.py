@@ -3,8 +3,11 @@
 ``Models.json`` (next to this file; schema in ``Models-schema.json``) is the manifest: name, version,
 model type, licence, and the SHA-256 and size of each model's weights file (``model.safetensors``),
 checked on every load. An entry has either a ``path`` (shipped in the package) or a ``url`` (a
-``.zip`` of a model directory, downloaded on request by :func:`download_model`). A downloaded model
-counts as installed only while its weights' SHA-256 matches the manifest. The cache location is
+``.zip`` of a model directory, downloaded on request by :func:`download_model`), or it is an
+ensemble: ``members`` names other models of the manifest with their weights (no weights of its own;
+see :mod:`TextGuidedSegLib.ensemble`). A downloaded model counts as installed only while its weights'
+SHA-256 matches the manifest. Wherever a model name is taken, ``a,b`` or ``a:0.6,b:0.4`` names an
+ensemble on the spot. The cache location is
 ``$TEXTGUIDEDSEG_HOME/models`` when that variable is set, else ``~/.cache/textguidedseg/models``.
 """
 
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .checkpoint import (PICKLE_SUFFIXES, WEIGHTS_NAME, CheckpointError, LoadedModel, load_pretrained, read_config,
                          sha256_of)
+from .ensemble import Ensemble, is_ensemble_spec, parse_model_spec, spec_text
 
 if TYPE_CHECKING:
     import torch
@@ -47,11 +51,12 @@ class DownloadCancelled(RuntimeError):
 
 @dataclass
 class ModelEntry:
-    """A model :func:`list_models` knows. ``path`` is None for a manifest model not downloaded (yet)."""
+    """A model :func:`list_models` knows. ``path`` is None for a manifest model not downloaded (yet) and
+    for an ensemble, whose ``members`` are ``((name, weight), ...)`` (see :func:`domain_folder`)."""
 
     name: str
     path: Path | None
-    source: str  # "shipped", "manifest" (downloadable), "cache" (imported), "path"
+    source: str  # "shipped", "manifest" (downloadable), "cache" (imported), "path", "ensemble"
     model_type: str = ""
     sha256: str | None = None
     description: str = ""
@@ -61,6 +66,7 @@ class ModelEntry:
     size: int | None = None
     archive: str = ""
     text_free: bool = False  # segments without a prompt (ProLearn); the widget allows an empty prompt box
+    members: tuple = ()  # an ensemble's ((model name, weight), ...)
 
 
 def cache_dir() -> Path:
@@ -76,10 +82,17 @@ def manifest_entries() -> list[ModelEntry]:
     entries = []
     for item in json.loads(MANIFEST.read_text(encoding="utf-8"))["models"]:
         path = PACKAGE_DIR / item["path"] if item.get("path") else None
-        entries.append(ModelEntry(item["name"], path, "shipped" if path else "manifest", item.get("model_type", ""),
+        members = tuple((m["name"], float(m["weight"])) for m in item.get("members", ()))
+        source = "ensemble" if members else "shipped" if path else "manifest"
+        entries.append(ModelEntry(item["name"], path, source, item.get("model_type", "ensemble" if members else ""),
                                   item.get("sha256"), item.get("description", ""), item.get("licence", ""),
                                   version=item.get("version", ""), url=item.get("url"), size=item.get("size"),
-                                  archive=item.get("archive", ""), text_free=bool(item.get("text_free", False))))
+                                  archive=item.get("archive", ""), text_free=bool(item.get("text_free", False)),
+                                  members=members))
+    by_name = {e.name: e for e in entries}
+    for e in entries:  # an ensemble is text-free when its members are (they must agree: see resolve_model)
+        if e.members:
+            e.text_free = all(by_name[n].text_free for n, _ in e.members if n in by_name)
     return entries
 
 
@@ -112,9 +125,9 @@ def list_models() -> list[ModelEntry]:
     for e in manifest_entries():
         if e.url:
             entries.append(dataclasses.replace(e, path=installed_copy(e)))
-        elif e.path is not None and e.path.is_dir():
+        elif e.members or (e.path is not None and e.path.is_dir()):
             entries.append(e)
-    downloadable = {e.name for e in entries if e.url}
+    downloadable = {e.name for e in entries if e.url or e.members}
     root = cache_dir()
     if root.is_dir():
         for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -129,8 +142,76 @@ def list_models() -> list[ModelEntry]:
     return entries
 
 
+def _spec_members(name_or_path: str) -> list[tuple[str, float]] | None:
+    """The members of an ensemble written on the spot (``a,b`` / ``a:0.6,b:0.4``) or named in the
+    manifest; None for a single model. Nothing is resolved or loaded."""
+    if Path(name_or_path).is_dir():
+        return None
+    if is_ensemble_spec(name_or_path):
+        try:
+            return parse_model_spec(name_or_path)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+    entry = next((e for e in manifest_entries() if e.name == name_or_path), None)
+    return list(entry.members) if entry is not None and entry.members else None
+
+
+def _ensemble_entry(name: str, members: list[tuple[str, float]], template: ModelEntry | None) -> ModelEntry:
+    """Check an ensemble's members (each an installed single model; all text models or all text-free;
+    one domain) and describe it."""
+    from .domain import read_domain
+
+    resolved = []
+    for member, _ in members:
+        if _spec_members(member) is not None:
+            raise CheckpointError(f"ensemble {name!r}: member {member!r} is itself an ensemble; list its members "
+                                  "instead")
+        try:
+            resolved.append(resolve_model(member))
+        except CheckpointError as exc:
+            raise CheckpointError(f"ensemble {name!r}: {exc}") from None
+    free = [e.name for e in resolved if e.text_free]
+    if free and len(free) != len(resolved):
+        raise CheckpointError(f"ensemble {name!r}: {', '.join(free)} {'is' if len(free) == 1 else 'are'} text-free "
+                              "and the other members read text; mixing them is not supported")
+    domains = {}
+    for e in resolved:
+        found = read_domain(e.path)
+        if found is not None:
+            d = found[0]
+            domains[e.name] = (d.body_region, d.modality, d.dimensionality, d.colour)
+    if len(set(domains.values())) > 1:
+        raise CheckpointError(f"ensemble {name!r}: its members are made for different inputs ("
+                              + "; ".join(f"{n}: {' '.join(v)}" for n, v in domains.items())
+                              + "); combine models of one domain")
+    weights = ", ".join(f"{m} {w:g}" for m, w in members)
+    base = template or ModelEntry(name, None, "ensemble", "ensemble",
+                                  description=f"ensemble of {len(members)} models (weights: {weights})")
+    return dataclasses.replace(base, name=name, path=None, source="ensemble", model_type="ensemble",
+                               members=tuple(members), text_free=bool(free))
+
+
+def member_entries(entry: ModelEntry) -> list[tuple[ModelEntry, float]]:
+    """An ensemble's members, resolved, with their weights; ``[(entry, 1.0)]`` for a single model."""
+    if not entry.members:
+        return [(entry, 1.0)]
+    return [(resolve_model(name), weight) for name, weight in entry.members]
+
+
+def domain_folder(entry: ModelEntry) -> Path | None:
+    """The folder whose ``domain.json`` the input is checked against: the model's own; for an
+    ensemble, its first member that states a domain (:func:`resolve_model` made sure they agree)."""
+    if not entry.members:
+        return entry.path
+    from .domain import DOMAIN_JSON
+
+    folders = [e.path for e, _ in member_entries(entry) if e.path is not None]
+    return next((f for f in folders if (f / DOMAIN_JSON).is_file()), folders[0] if folders else None)
+
+
 def resolve_model(name_or_path: str | None) -> ModelEntry:
-    """A model directory, or a name from :func:`list_models`; unknown names list what exists."""
+    """A model directory, a name from :func:`list_models`, or an ensemble (a manifest name, or
+    ``a,b`` / ``a:0.6,b:0.4``: see :mod:`TextGuidedSegLib.ensemble`); unknown names list what exists."""
     name_or_path = name_or_path or DEFAULT_MODEL
     path = Path(name_or_path)
     if path.is_dir():
@@ -139,8 +220,15 @@ def resolve_model(name_or_path: str | None) -> ModelEntry:
         except CheckpointError:
             text_free = False  # load_model reports what is wrong with the directory
         return ModelEntry(path.name, path, "path", text_free=text_free)
+    if is_ensemble_spec(name_or_path):
+        members = _spec_members(name_or_path)
+        if len(members) == 1:  # 'name:1'
+            return resolve_model(members[0][0])
+        return _ensemble_entry(spec_text(members), members, None)
     for entry in list_models():
         if entry.name == name_or_path:
+            if entry.members:
+                return _ensemble_entry(entry.name, list(entry.members), entry)
             if entry.path is None:
                 raise CheckpointError(f"model {entry.name!r} is listed in the manifest but not downloaded (or its "
                                       f"copy does not match the manifest's SHA-256): download it with "
@@ -157,15 +245,26 @@ def needs_download(name_or_path: str | None) -> bool:
     name = name_or_path or DEFAULT_MODEL
     if Path(name).is_dir():
         return False
+    try:
+        members = _spec_members(name)
+    except CheckpointError:
+        return False  # resolving it reports the problem
+    if members is not None:  # an ensemble: when a member needs one
+        return any(needs_download(member) for member, _ in members)
     return any(e.name == name and e.url and e.path is None for e in list_models())
 
 
 _LOADED: dict[tuple[str, str], LoadedModel] = {}
 
 
-def load_model(name_or_path: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load (and keep, per path and device) a model by name or directory, checking the manifest's SHA-256."""
+def load_model(name_or_path: str | None = None, device: str | torch.device = "cpu") -> LoadedModel | Ensemble:
+    """Load (and keep, per path and device) a model by name or directory, checking the manifest's SHA-256.
+    An ensemble's name (or ``a,b`` / ``a:0.6,b:0.4``) gives an :class:`~TextGuidedSegLib.ensemble.Ensemble`
+    of its loaded members."""
     entry = resolve_model(name_or_path)
+    if entry.members:
+        return Ensemble([load_model(name, device=device) for name, _ in entry.members],
+                        [weight for _, weight in entry.members], name=entry.name)
     key = (str(entry.path.resolve()), str(device))
     if key not in _LOADED:
         _LOADED[key] = load_pretrained(entry.path, device=device, expected_sha256=entry.sha256)
@@ -254,8 +353,16 @@ def download_model(name: str, *, progress: Callable[[int, int], None] | None = N
     (a ``threading.Event``) is checked before each chunk: when set, :class:`DownloadCancelled` is
     raised (a stalled connection is noticed after ``timeout`` seconds). The archive is then installed like :func:`import_model` (unpacked, weights' size and
     SHA-256 checked against the manifest, loaded once) and moved into place; on any failure nothing
-    is left in the cache. A copy that already matches the manifest is returned as is.
+    is left in the cache. A copy that already matches the manifest is returned as is. For an ensemble
+    (a manifest name or ``a,b``), each member not installed yet is downloaded in turn, and the cache
+    folder is returned.
     """
+    members = _spec_members(name)
+    if members is not None:
+        for member, _ in members:
+            if needs_download(member):
+                download_model(member, progress=progress, cancel=cancel, chunk_size=chunk_size, timeout=timeout)
+        return cache_dir()
     entries = manifest_entries()
     entry = next((e for e in entries if e.name == name), None)
     if entry is None or entry.url is None:
@@ -315,6 +422,10 @@ def _fetch(url: str, destination: Path, progress: Callable[[int, int], None] | N
 
 
 def describe(entry: ModelEntry) -> dict:
+    if entry.members:
+        return {"name": entry.name, "source": entry.source, "model_type": "ensemble",
+                "members": [{"name": n, "weight": w} for n, w in entry.members], "version": entry.version or None,
+                "description": entry.description}
     payload = read_config(entry.path)
     weights = entry.path / WEIGHTS_NAME
     return {"name": entry.name, "source": entry.source, "path": str(entry.path), "model_type": payload["model_type"],

@@ -54,7 +54,7 @@ RESULTS_DIR = "results"
 RESULTS_INDEX = "results.json"
 #: Options of :func:`TextGuidedSegLib.engine.segment_volume` a job may set (others are refused).
 JOB_OPTIONS = ("threshold", "device", "axis", "prompt_laterality", "return_probability", "samples", "seed",
-               "batch_size")
+               "batch_size", "flip")
 #: After Cancel the child gets this long to stop by itself (it stops within one batch of slices or one
 #: download chunk, and cleans up) before it is killed.
 KILL_GRACE_SECONDS = 5.0
@@ -412,7 +412,7 @@ def run_job(job_dir: Path, emit: _Events, cancel: threading.Event) -> str:
     _LAST_MODEL[:] = [key]
     emit("status", text="Loading model…")
     loaded = load_model(model, device=device)
-    if not getattr(loaded.model, "samples_masks", False):
+    if not loaded.samples_masks:  # (an ensemble: when no member samples)
         options.pop("samples", None)  # the panel's sample count only means something to sampling models
     emit("status", text=f"Segmenting with {loaded.name}…")
     results = segment_volume(volume, np.asarray(request["ijk_to_ras"], dtype=np.float64), request["prompts"],

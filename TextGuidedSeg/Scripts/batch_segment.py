@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", "-p", action="append", default=[],
                         help="what to segment; repeat for several segments (leave out for text-free models: ProLearn)")
     parser.add_argument("--output", "-o", required=True, help="output folder (<stem>.seg.nrrd is written there)")
-    parser.add_argument("--model", "-m", default=None, help="model name or folder (default: the shipped default)")
+    parser.add_argument("--model", "-m", default=None,
+                        help="model name or folder (default: the shipped default), or an ensemble "
+                             "'a,b' / 'a:0.6,b:0.4'")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--axis", default="auto", help="auto, axial, coronal, sagittal, or array axis 0/1/2")
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=None,
                         help="models that sample masks (SVP-CVAE): masks per prompt; writes "
                              "<stem>_<segment>_uncertainty.nrrd (variance of the sampled probabilities)")
+    parser.add_argument("--flip", action="store_true",
+                        help="text-aware test-time flip (as textguidedseg predict --flip)")
     parser.add_argument("--force", action="store_true",
                         help="segment even inputs the model's domain check refuses (as textguidedseg predict --force)")
     parser.add_argument("--quiet", "-q", action="store_true", help="log warnings and errors only")
@@ -131,7 +135,7 @@ def segment_file(logic, path: Path, args: argparse.Namespace, model) -> list[Pat
             segmentationNode = logic.process(volumeNode, args.prompt, model, threshold=args.threshold,
                                              device=args.device, axis=args.axis, laterality=args.laterality,
                                              probability=args.probability, samples=args.samples,
-                                             progress=progress)
+                                             flip=args.flip, progress=progress)
         except ValueError as exc:
             raise BatchError(f"{path}: {exc}") from None
         out_dir = Path(args.output)
@@ -198,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = logic.loadModel(args.model, args.device)
         except (CheckpointError, ValueError) as exc:
             raise BatchError(str(exc)) from None
-        if not args.prompt and getattr(model.model, "requires_text", True):
+        if not args.prompt and model.requires_text:
             raise BatchError(f"model '{model.name}' needs --prompt (it has no text-free mode)")
         logger.info("model %s; %d input(s); prompts: %s", model.name, len(inputs), "; ".join(args.prompt))
         failed = []
