@@ -17,8 +17,9 @@ SAMPLES = ["cxr_s11234-e19977-r1", "cxr_s11242-e20020-r1", "cxr_s11247-e20029-r1
 
 
 SHIPPED = {"tmc-qata-cpu": "tmc", "tmc-kvasir-cpu": "tmc", "ssa-qata-cpu": "ssa", "svp-cvae-qata-cpu": "svp_cvae",
-           "prolearn-qata-cpu-1pct": "prolearn", "tgcnet-qata-cpu": "tgcnet", "hippocampus-mr-cpu": "ssa"}
-VOLUME_MODELS = {"hippocampus-mr-cpu"}  # trained on volumes: prompts name the patient's sides, 3D card
+           "prolearn-qata-cpu-1pct": "prolearn", "tgcnet-qata-cpu": "tgcnet", "hippocampus-mr-cpu": "ssa",
+           "brain-mr-cpu": "ssa"}
+VOLUME_MODELS = {"hippocampus-mr-cpu", "brain-mr-cpu"}  # trained on volumes: prompts name the patient's sides, 3D card
 TEXT_FREE = {"prolearn-qata-cpu-1pct"}
 QATA_MODELS = ["tmc-qata-cpu", "ssa-qata-cpu", "svp-cvae-qata-cpu", "tgcnet-qata-cpu"]
 
@@ -44,7 +45,10 @@ def test_every_shipped_model_matches_its_manifest_entry(name):
     assert model.config.model_type == SHIPPED[name]
     assert model.config.laterality == ("patient" if name in VOLUME_MODELS else "image")
     card = (entry.path / "README.md").read_text(encoding="utf-8")
-    if name in VOLUME_MODELS:
+    if name == "brain-mr-cpu":  # trained on generated images: the card's figures are on a real T1 (Colin27)
+        assert "Colin27" in card and "Mean Dice" in card and "correct side" in card and "Training command" in card
+        assert entries[name]["size"] < 5 * 2**20
+    elif name in VOLUME_MODELS:
         assert "HD95" in card and "ASD" in card and "Training command" in card and "nnU-Net" in card
         assert entries[name]["size"] < 5 * 2**20
     else:
@@ -210,3 +214,22 @@ def test_hippocampus_model_segments_a_validation_volume(shared_data, cli, tmp_pa
     for value, segment in zip((1, 2), segments):
         assert segment.mask.shape == vol.array.shape
         assert dice_iou(segment.mask > 0, truth == value)[0] > 0.7
+
+
+def test_brain_model_names_the_patients_sides_on_a_real_mr():
+    """brain1 (a real MR, 13 axial slices, shipped sample): structures asked for by side land on that side
+    of the patient (RAS x: +x is the patient's right), both sides when asked without a side."""
+    model = load_model("brain-mr-cpu")
+    vol = io.read_volume(io.sample_path("brain1_image.nrrd"))
+    prompts = ["left cerebral white matter", "right cerebral white matter", "left lateral ventricle",
+               "right lateral ventricle", "lateral ventricles"]
+    results = segment_volume(vol.array, vol.ijk_to_ras, prompts, model)
+    k, j, i = np.indices(vol.array.shape)
+    m = vol.ijk_to_ras
+    x = m[0, 0] * i + m[0, 1] * j + m[0, 2] * k + m[0, 3]
+    midline = x[vol.array > np.percentile(vol.array, 60)].mean()
+    left_share = {p: float((x[r.labels.astype(bool)] < midline).mean()) for p, r in zip(prompts, results)}
+    assert all(r.labels.sum() > 1000 for r in results), [int(r.labels.sum()) for r in results]
+    assert left_share["left cerebral white matter"] > 0.98 and left_share["right cerebral white matter"] < 0.02
+    assert left_share["left lateral ventricle"] > 0.85 and left_share["right lateral ventricle"] < 0.15
+    assert 0.2 < left_share["lateral ventricles"] < 0.8

@@ -71,7 +71,7 @@ def _scores(paths: list[Path], stats: DomainStatistics | None, domain: ModelDoma
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", required=True, choices=("qata", "kvasir", "msd"),
+    parser.add_argument("--dataset", required=True, choices=("qata", "kvasir", "msd", "volumes"),
                         help="training dataset; msd: a volume dataset in the MSD / nnU-Net layout")
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--domain", required=True, help="JSON with the ModelDomain fields (modality, ...)")
@@ -80,10 +80,16 @@ def main() -> None:
                         help="other-domain inputs: qata=DIR / kvasir=DIR (their val split) or volumes[-name]=DIR "
                              "(every image volume under DIR)")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--metadata-only", default=None, metavar="WHY",
+                        help="fit no learned score (say why, e.g. the training images are generated); --dataset is "
+                             "then 'volumes' and --data-root a folder of the model's own kind of real inputs, on "
+                             "which the rules' false alarms are measured")
     args = parser.parse_args()
 
     start = time.perf_counter()
     domain = ModelDomain(**json.loads(Path(args.domain).read_text(encoding="utf-8")))
+    if args.metadata_only:
+        return metadata_only(args, domain, start)
     train = _picture_inputs(args.dataset, args.data_root, "train")
     val = _picture_inputs(args.dataset, args.data_root, "val")
     descriptors, _, _ = _scores(train, None)
@@ -123,6 +129,43 @@ def main() -> None:
     rows += [(f"{k}: refused", v) for k, v in calibration["detection_rate"].items()]
     for label, r in rows:
         print(f"{label:40s} {r['learned_score']:8.4f} {r['metadata_rules']:8.4f} {r['combined']:8.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(domain.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _refused_by_rules(paths: list[Path], domain: ModelDomain) -> list[bool]:
+    refused = []
+    for path in paths:
+        vol = read_volume(path)
+        refused.append(bool(metadata_problems(domain, vol.array, colour=vol.colour)))
+    return refused
+
+
+def metadata_only(args: argparse.Namespace, domain: ModelDomain, start: float) -> None:
+    """A domain with the metadata rules only: their false alarms on the model's own kind of real
+    inputs (``--data-root``: every image volume under it) and what they refuse elsewhere."""
+    own = [p for root in args.data_root.split(",") for p in _volume_inputs(Path(root))]
+    own_refused = _refused_by_rules(own, domain)
+    calibration = {
+        "learned_score": f"not fitted: {args.metadata_only}",
+        "threshold_from": f"no threshold; metadata rules checked on {len(own)} real volumes of the model's kind",
+        "validation_false_alarm_rate": {"metadata_rules": float(np.mean(own_refused))},
+        "detection_rate": {},
+    }
+    for item in args.other:
+        name, _, path = item.partition("=")
+        paths = (_volume_inputs(Path(path)) if name.startswith("volumes") else _picture_inputs(name, path, "val"))
+        refused = _refused_by_rules(paths, domain)
+        what = "volumes" if name.startswith("volumes") else "val images"
+        calibration["detection_rate"][f"{name} ({len(paths)} {what})"] = {"metadata_rules": float(np.mean(refused))}
+    domain.threshold, domain.calibration = None, calibration
+    domain.training_data = domain.training_data or args.metadata_only
+    for folder in args.models:
+        write_domain(folder, domain, None)
+    print(f"metadata rules only ({time.perf_counter() - start:.0f} s): false alarms on {len(own)} own volumes "
+          f"{calibration['validation_false_alarm_rate']['metadata_rules']:.4f}")
+    for k, v in calibration["detection_rate"].items():
+        print(f"{k:40s} refused {v['metadata_rules']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(domain.to_dict(), indent=2) + "\n", encoding="utf-8")
 

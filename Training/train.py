@@ -284,7 +284,13 @@ def model_card(cfg: dict[str, Any], best: dict[str, Any], engine: dict[str, Any]
         if "laterality_error_rate" in engine:
             rows += (f"| {val} laterality error rate ({engine['laterality_cases']} one-sided reports, > 10 % of the "
                      f"predicted mass on the other side) | {engine['laterality_error_rate']:.4f} |\n")
-    if d["kind"] in VOLUME_KINDS:
+    if d["kind"] == "synthseg":
+        scoring = ("Training rows: a fixed set of images generated (seeded) from the label maps kept for validation\n"
+                   f"(`data.val_maps`: the last {d.get('val_maps', 3)} maps), one canonical prompt per image x target,\n"
+                   "pooled (global Dice) or averaged per item. They measure the generator's world, not real scans:\n"
+                   "the real-MR figures are below.")
+        data_terms = " (SynthSeg label maps: Apache-2.0)"
+    elif d["kind"] in VOLUME_KINDS:
         scoring = ("Training rows: every validation slice x prompt target, pooled (slice-wise global Dice) or averaged\n"
                    "per slice (a slice whose prediction and target are both empty counts as 1), from the in-memory\n"
                    "validation of the training loop. The 3D table below runs every volume through the inference\n"
