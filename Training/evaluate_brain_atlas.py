@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from TextGuidedSegLib.checkpoint import load_pretrained  # noqa: E402
+from TextGuidedSegLib.model_store import load_model  # noqa: E402
 from TextGuidedSegLib.data.msd import read_msd_dataset  # noqa: E402
 from TextGuidedSegLib.data.synthseg import ATLAS_STRUCTURES, atlas_to_freesurfer, read_atlas_names  # noqa: E402
 from TextGuidedSegLib.evaluation import evaluate_volumes  # noqa: E402
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
-    model = load_pretrained(args.model)
+    model = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.dataset_dir or tmp)
         names = write_atlas_dataset(folder, args.name, Path(args.image), Path(args.atlas), Path(args.names))

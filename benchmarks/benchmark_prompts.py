@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from TextGuidedSegLib.checkpoint import load_pretrained  # noqa: E402
+from TextGuidedSegLib.model_store import load_model  # noqa: E402
 from TextGuidedSegLib.engine import segment_volume  # noqa: E402
 from TextGuidedSegLib.io import read_volume  # noqa: E402
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 1 < args.prompts <= len(BRAIN_PROMPTS_17):
         raise SystemExit(f"--prompts must be 2..{len(BRAIN_PROMPTS_17)}")
     torch.set_num_threads(args.threads)
-    model = load_pretrained(args.model)
+    model = load_model(args.model)
     vol = read_volume(args.volume)
     prompts = BRAIN_PROMPTS_17[: args.prompts]
     shares = bool(getattr(model.model, "shares_image_features", False))
