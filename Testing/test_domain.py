@@ -15,7 +15,7 @@ import pytest
 from TextGuidedSegLib import io
 from TextGuidedSegLib.domain import (DOMAIN_JSON, DomainStatistics, ModelDomain, check_input, describe_slices,
                                      describe_thumbnail, fitting_models, metadata_problems, read_domain)
-from TextGuidedSegLib.model_store import DEFAULT_MODEL, list_models, resolve_model
+from TextGuidedSegLib.model_store import DEFAULT_MODEL, domain_folder, list_models, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -105,17 +105,17 @@ def test_default_model_accepts_chest_xrays_and_refuses_other_domains():
     entry = resolve_model(DEFAULT_MODEL)
     for sample in QATA_SAMPLES:  # validation X-rays shipped with the package
         vol = io.read_volume(sample)
-        check = check_input(entry.name, entry.path, vol.array, vol.ijk_to_ras, colour=vol.colour)
+        check = check_input(entry.name, domain_folder(entry), vol.array, vol.ijk_to_ras, colour=vol.colour)
         assert check.ok, (sample.name, check.problems)
     brain = io.read_volume(io.sample_path("brain1_image.nrrd"))  # an MR volume
-    check = check_input(entry.name, entry.path, brain.array, brain.ijk_to_ras)
+    check = check_input(entry.name, domain_folder(entry), brain.array, brain.ijk_to_ras)
     assert not check.ok and check.problems[0].startswith("the input is a 3D volume (13 x 256 x 256 voxels)")
     assert any(p.startswith("it looks unlike the model's training images") for p in check.problems)
     ct, matrix = _ct_volume()
-    check = check_input(entry.name, entry.path, ct, matrix)
+    check = check_input(entry.name, domain_folder(entry), ct, matrix)
     assert any("CT Hounsfield units" in p for p in check.problems)
     message = check.message(fits=[])
-    assert message.startswith("model 'tmc-qata-cpu' is for chest X-ray, 2D pictures; prompts: ")
+    assert message.startswith(f"model '{DEFAULT_MODEL}' is for chest X-ray, 2D pictures; prompts: ")
     assert message.endswith("; no installed model fits this input. Nothing was written; use --force to segment anyway")
 
 
@@ -124,7 +124,8 @@ def test_colonoscopy_frame_goes_to_the_polyp_model():
     frame = sorted((SHARED / "kvasir" / "images").glob("*.jpg"))[0]
     vol = io.read_volume(frame)
     assert vol.colour
-    check = check_input(DEFAULT_MODEL, resolve_model(DEFAULT_MODEL).path, vol.array, vol.ijk_to_ras, colour=True)
+    check = check_input(DEFAULT_MODEL, domain_folder(resolve_model(DEFAULT_MODEL)), vol.array, vol.ijk_to_ras,
+                        colour=True)
     assert "it is a colour picture, and the model was trained on grey X-ray images" in check.problems
     assert fitting_models(list_models(), vol.array, vol.ijk_to_ras, colour=True) == ["tmc-kvasir-cpu"]
 
@@ -136,7 +137,7 @@ def test_learned_score_alone_separates_a_colonoscopy_like_frame(tmp_path):
     y, x = np.mgrid[:224, :224]
     r = np.hypot(y - 112, x - 112)
     frame = (200 * np.exp(-((r - 70) / 30) ** 2) + 20).astype(np.uint8)[None]
-    check = check_input(entry.name, entry.path, frame, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    check = check_input(entry.name, domain_folder(entry), frame, np.diag([-1.0, -1.0, 1.0, 1.0]))
     assert metadata_problems(check.domain, frame) == []
     assert check.score > check.domain.threshold and not check.ok
     xray = io.read_volume(QATA_SAMPLES[0])
@@ -157,7 +158,7 @@ def test_cli_refuses_a_volume_for_the_xray_model_and_force_overrides(cli, tmp_pa
     rc, stdout, err = _predict(cli, out, brain)
     assert rc == 2 and not out.exists(), err  # no output, not even an empty folder
     line, = err.strip().splitlines()
-    assert line.startswith(f"textguidedseg: error: {brain}: model 'tmc-qata-cpu' is for chest X-ray, 2D pictures")
+    assert line.startswith(f"textguidedseg: error: {brain}: model '{DEFAULT_MODEL}' is for chest X-ray, 2D pictures")
     assert "the input is a 3D volume (13 x 256 x 256 voxels), not a single picture" in line
     assert line.endswith("Nothing was written; use --force to segment anyway")
 
@@ -189,7 +190,8 @@ def test_cli_refuses_ct_and_colonoscopy_for_the_xray_model(cli, tmp_path, make_i
     rc, _, err = _predict(cli, out, source)
     assert rc == 2 and not out.exists(), err
     line, = err.strip().splitlines()
-    assert line.startswith(f"textguidedseg: error: {source}: model 'tmc-qata-cpu' is for chest X-ray") and problem in line
+    assert line.startswith(f"textguidedseg: error: {source}: model '{DEFAULT_MODEL}' is for chest X-ray")
+    assert problem in line
     if make_input is _colonoscopy_frame:  # the polyp model fits it, and the message says so
         assert "installed models that fit this input: tmc-kvasir-cpu" in line
 
@@ -247,11 +249,13 @@ def test_models_list_and_info_state_the_domain(cli):
     rc, out, _ = cli("models", "list")
     assert rc == 0
     line = next(l for l in out.splitlines() if l.startswith("tmc-qata-cpu"))
-    assert line.startswith("tmc-qata-cpu (default)") and "chest X-ray, 2D pictures" in line
+    assert line.startswith("tmc-qata-cpu ") and "chest X-ray, 2D pictures" in line
+    line = next(l for l in out.splitlines() if l.startswith(DEFAULT_MODEL))
+    assert line.startswith(f"{DEFAULT_MODEL} (default)") and "chest X-ray, 2D pictures" in line
     assert "colon endoscopy, 2D pictures" in next(l for l in out.splitlines() if l.startswith("tmc-kvasir-cpu"))
     rc, out, _ = cli("models", "info", "tmc-qata-cpu")
     lines = out.splitlines()
-    assert lines[0].startswith("tmc-qata-cpu (default): TMC")
+    assert lines[0].startswith("tmc-qata-cpu: TMC")
     assert lines[1] == "  for: chest X-ray, 2D pictures (grey)"
     assert any(l.startswith("  input check: threshold ") and "false alarms on validation" in l for l in lines)
     assert json.loads(out[out.index("{"):])["name"] == "tmc-qata-cpu"

@@ -59,14 +59,19 @@ def test_every_shipped_model_matches_its_manifest_entry(name):
 
 
 def test_manifest_lists_default_with_matching_sha256():
+    """The default is the QaTa ensemble (issue 24): every member shipped, with its weights' SHA-256 and card."""
     entries = {e["name"]: e for e in json.loads(MANIFEST.read_text(encoding="utf-8"))["models"]}
-    assert DEFAULT_MODEL in entries
+    assert DEFAULT_MODEL == "qata-ensemble-cpu" and DEFAULT_MODEL in entries
     entry = resolve_model(DEFAULT_MODEL)
-    assert entry.source == "shipped"
-    weights = entry.path / WEIGHTS_NAME
-    assert sha256_of(weights) == entries[DEFAULT_MODEL]["sha256"]
-    assert weights.stat().st_size <= 25 * 2**20
-    assert (entry.path / "README.md").read_text(encoding="utf-8").count("Dice") >= 2
+    assert entry.source == "ensemble" and [n for n, _ in entry.members] == ENSEMBLES[DEFAULT_MODEL]
+    assert "Dice" in entries[DEFAULT_MODEL]["description"]
+    for name, _ in entry.members:
+        member = resolve_model(name)
+        assert member.source == "shipped"
+        weights = member.path / WEIGHTS_NAME
+        assert sha256_of(weights) == entries[name]["sha256"]
+        assert weights.stat().st_size <= 25 * 2**20
+        assert (member.path / "README.md").read_text(encoding="utf-8").count("Dice") >= 2
     assert DEFAULT_MODEL in [e.name for e in list_models()]
 
 

@@ -887,7 +887,7 @@ def test_batch_script_follows_the_domain_check(tmp_path):
     brain = sample_path("brain1_image.nrrd")
     proc = _batch("--input", str(brain), "--prompt", "tumour", "--output", str(out))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"batch_segment: error: {brain}: model 'tmc-qata-cpu' is for chest X-ray, 2D pictures" in proc.stderr
+    assert f"batch_segment: error: {brain}: model 'qata-ensemble-cpu' is for chest X-ray, 2D pictures" in proc.stderr
     assert not out.exists() or not any(out.iterdir())
     proc = _batch("--input", str(brain), "--prompt", "tumour", "--output", str(out), "--force")
     assert proc.returncode == 0, proc.stderr

@@ -1263,9 +1263,11 @@ class TextGuidedSegTest(ScriptedLoadableModuleTest):
         """The model to test with: ``modelPath``, else the default model, else a tiny random one."""
         if self.modelPath:
             return self.modelPath
-        from TextGuidedSegLib.model_store import DEFAULT_MODEL, list_models
+        from TextGuidedSegLib.model_store import DEFAULT_MODEL, list_models, needs_download
 
-        if any(e.name == DEFAULT_MODEL and e.path is not None for e in list_models()):
+        # installed: a shipped or downloaded model, or an ensemble whose members all are
+        if any(e.name == DEFAULT_MODEL and (e.path is not None or e.members) for e in list_models()) \
+                and not needs_download(DEFAULT_MODEL):
             return DEFAULT_MODEL
         self._say(f"The default model '{DEFAULT_MODEL}' is not installed: testing with a tiny RANDOM model. "
                   "This is a plumbing check only (nodes, segment names, tags, cancel); it says nothing about "
