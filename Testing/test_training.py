@@ -170,7 +170,7 @@ def test_every_shipped_config_builds_its_model(path, train_module):
     assert notes is None or (REPO / notes).is_file(), f"export.notes {notes} does not exist"
     model_cfg = config_from_dict(cfg["model"])
     # QaTa's and Kvasir's text speaks of the image's sides (measured); volume prompts of the patient's
-    assert model_cfg.laterality == ("patient" if cfg["data"]["kind"] == "msd" else "image")
+    assert model_cfg.laterality == ("patient" if cfg["data"]["kind"] in ("msd", "synthseg") else "image")
     if path.stem.endswith("_cpu"):
         model = build_model(model_cfg)
         n_params = sum(p.numel() for p in model.parameters())
